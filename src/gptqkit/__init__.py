@@ -1,0 +1,7 @@
+"""gptqkit: GPTQ quantization of Hugging Face causal LMs, standard checkpoints, fast kernels."""
+__version__ = "0.1.0"
+
+from .config import QuantizeConfig  # noqa: E402
+from .errors import GPTQKitError  # noqa: E402
+
+__all__ = ["QuantizeConfig", "GPTQKitError", "__version__"]
