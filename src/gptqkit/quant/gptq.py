@@ -36,7 +36,9 @@ class Hessian:
         """x: [..., K] inputs of the layer; mask: [...] booleans, True for real (non-pad) tokens."""
         x = x.reshape(-1, x.shape[-1])
         if mask is not None:
-            x = x[mask.reshape(-1).to(x.device)]
+            # HF attention masks are 0/1 integers: indexing with those would gather rows 0 and
+            # 1 instead of selecting, so always convert to booleans first
+            x = x[mask.reshape(-1).to(device=x.device, dtype=torch.bool)]
         m = x.shape[0]
         if m == 0:
             return
@@ -67,7 +69,7 @@ def _inverse_cholesky(H: torch.Tensor, damp_percent: float, damp_auto_increment:
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
             if info == 0 and torch.isfinite(U).all():
                 return U, damp
-        if damp >= 1.0:
+        if damp >= 1.0 or damp_auto_increment <= 0:  # no increase possible: give up, not loop
             return None, damp
         new = min(1.0, damp + damp_auto_increment)
         log.info("Cholesky failed at damp_percent=%.4f; retrying with %.4f", damp, new)
