@@ -1,0 +1,111 @@
+"""Loading a GPTQ checkpoint (ours or anyone's) as an ordinary transformers model.
+
+The model is built on the meta device; every module that has a `qweight` in the checkpoint
+becomes a QuantLinear with the bits/group size the tensors imply; tensors are then assigned
+straight from the safetensors files. Which modules are quantized is read from the tensors,
+not guessed from the architecture, so peers' checkpoints (lm_head quantized, mixed bits,
+skipped layers) load as they are.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import QuantizeConfig
+from ..errors import CheckpointError
+from ..formats.checkpoint import iter_tensors
+from ..kernels.qlinear import QuantLinear
+from .source import resolve_model_path
+
+log = logging.getLogger(__name__)
+
+
+def _bits_from_shapes(qweight_rows: int, K: int) -> int:
+    for b in (2, 3, 4, 8):
+        if K * b // 32 == qweight_rows and (K * b) % 32 == 0:
+            return b
+    raise CheckpointError(f"qweight with {qweight_rows} rows fits no bit width for {K} inputs")
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
+def load_quantized(path: str | Path, *, backend: str | None = None, device: str | torch.device = "cpu",
+                   dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> nn.Module:
+    """Load a GPTQ checkpoint folder (or hub id) as a transformers model with QuantLinear layers.
+
+    dtype: dtype of the non-quantized weights and of activations; default float32 on CPU
+    (fast there) and float16 on CUDA.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = resolve_model_path(path)
+    device = torch.device(device)
+    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    qcfg = QuantizeConfig.load(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # we install the quantized layers ourselves
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
+
+    tensors = dict(iter_tensors(path))
+    qnames = sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
+    if not qnames:
+        raise CheckpointError(f"{path} has a GPTQ config but no qweight tensors; the checkpoint is incomplete")
+    for name in qnames:
+        try:
+            old = model.get_submodule(name)
+        except AttributeError as e:
+            raise CheckpointError(f"checkpoint has quantized layer {name!r}, which this model does not have") from e
+        if not isinstance(old, nn.Linear):
+            raise CheckpointError(f"{name} is a {type(old).__name__}, not a Linear; cannot hold GPTQ tensors")
+        K, N = old.in_features, old.out_features
+        bits = _bits_from_shapes(tensors[f"{name}.qweight"].shape[0], K)
+        G = tensors[f"{name}.scales"].shape[0]
+        cfg = qcfg.for_module(name) or qcfg
+        gs = cfg.group_size if cfg.group_size != -1 else K
+        if -(-K // gs) != G:  # group size not what the config says: trust the tensors
+            gs = K if G == 1 else -(-K // G)
+        ql = QuantLinear(K, N, bits, gs, bias=f"{name}.bias" in tensors,
+                         checkpoint_format=qcfg.checkpoint_format, dtype=dtype)
+        _set_submodule(model, name, ql)
+
+    if "lm_head.qweight" in tensors:
+        model.config.tie_word_embeddings = False
+    state = dict(tensors)
+    # floats that are not GPTQ metadata take the model dtype; GPTQ tensors keep theirs
+    qparts = (".qweight", ".qzeros", ".scales", ".g_idx")
+    qset = set(qnames)
+    for k, t in list(state.items()):
+        owner = k.rsplit(".", 1)[0]
+        if k.endswith(qparts) or (owner in qset and k.endswith(".bias")):
+            continue
+        if t.is_floating_point():
+            state[k] = t.to(dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    still_meta += [n for n, b in model.named_buffers() if b is not None and b.device.type == "meta"]
+    if still_meta:
+        raise CheckpointError(f"{path} lacks tensors the model needs, e.g. {still_meta[:5]}; "
+                              "the checkpoint is incomplete or for another architecture")
+    if unexpected:
+        log.warning("ignoring %d tensors the model does not use, e.g. %s", len(unexpected), unexpected[:3])
+    model.to(device)
+    chosen: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.post_init(backend)
+            chosen[m.backend.name] = chosen.get(m.backend.name, 0) + 1
+    log.info("loaded %s: %d quantized layers, backends %s", path, len(qnames), chosen)
+    model.eval()
+    model.quantize_config = qcfg
+    return model

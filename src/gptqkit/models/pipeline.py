@@ -1,0 +1,387 @@
+"""The layer-by-layer driver: calibration ids in, a standard GPTQ checkpoint out.
+
+For each decoder block, every quantizable nn.Linear gets a forward pre-hook. When all
+calibration sequences pass through the block as one batch ("in-flight" mode), the hook of a
+linear sees that linear's complete input: it forms the Hessian, solves GPTQ, swaps the
+quantized weight in, and lets the forward continue. So each linear is solved on inputs that
+every earlier linear of the block already quantized (true-sequential), and one forward per
+block yields both all the solutions and the next block's input: the minimum work.
+
+When the calibration set is split into several chunks (to bound activation memory), a
+linear's Hessian is complete only after every chunk reached it, so the block is replayed:
+each pass accumulates the linears whose inputs are final (their earlier linears solved, or
+they share their input tensor with one that is, like q/k/v) and stops each chunk at the first
+linear that is not; those are solved, and the next pass goes further. Both modes give the
+same solutions.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import QuantizeConfig
+from ..errors import ConfigError, NumericalError
+from ..formats.checkpoint import ShardWriter, gptq_tensors
+from ..quant.gptq import Hessian, gptq_solve
+from ..quant.result import QuantResult
+from ..quant.rtn import rtn_solve
+from .arch import ArchSpec, block_linears, get_module, spec_for
+from .source import ModelHandle
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerLog:
+    name: str
+    bits: int
+    group_size: int
+    method: str
+    loss: float
+    damp: float
+    tokens: int
+    seconds: float
+
+
+@dataclass
+class QuantizeReport:
+    out: str
+    layers: list[LayerLog] = field(default_factory=list)
+    seconds: float = 0.0
+    forwards: int = 0            # block forward passes over the whole calibration set
+    calib_tokens: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean_loss"] = sum(x.loss for x in self.layers) / max(1, len(self.layers))
+        return d
+
+
+class _Stop(Exception):
+    """Raised inside a forward to stop it early (input capture, replay early exit)."""
+
+
+@dataclass
+class _Linear:
+    name: str                      # full module name in the model
+    module: nn.Linear
+    cfg: QuantizeConfig
+    hessian: Hessian | None = None
+    result: QuantResult | None = None
+    seconds: float = 0.0
+    tokens: int = 0
+
+
+def _solve(lin: _Linear, zero_min: int) -> None:
+    t0 = time.perf_counter()
+    W = lin.module.weight.data
+    cfg = lin.cfg
+    if not torch.isfinite(W).all():
+        raise NumericalError(f"weights of {lin.name} contain NaN/Inf; the source checkpoint is damaged")
+    if cfg.method == "rtn":
+        res = rtn_solve(W, cfg.bits, cfg.group_size, cfg.sym, cfg.mse, zero_min)
+    elif lin.hessian is None or lin.hessian.n == 0:
+        log.warning("%s received no calibration tokens; quantized with round-to-nearest", lin.name)
+        res = rtn_solve(W, cfg.bits, cfg.group_size, cfg.sym, cfg.mse, zero_min)
+        res.method = "rtn-no-tokens"
+    else:
+        res = gptq_solve(W, lin.hessian.H, cfg.bits, cfg.group_size, cfg.sym, cfg.desc_act, cfg.static_groups,
+                         cfg.damp_percent, cfg.damp_auto_increment, cfg.mse, cfg.blocksize, zero_min)
+        if res.method != "gptq":
+            log.warning("%s: Hessian unusable even at damp_percent=1; used round-to-nearest", lin.name)
+    lin.tokens = lin.hessian.n if lin.hessian is not None else 0
+    # swap the quantized weight in, so everything downstream sees quantized outputs
+    lin.module.weight.data = res.dequantize().to(W.dtype)
+    lin.result = res
+    lin.hessian = None
+    lin.seconds += time.perf_counter() - t0
+
+
+class BlockQuantizer:
+    """Quantizes the linears of one block over calibration inputs split into chunks."""
+
+    def __init__(self, block: nn.Module, linears: list[_Linear], chunks: list[tuple[tuple, dict]],
+                 masks: list[torch.Tensor | None], zero_min: int, sequential: bool):
+        self.block, self.linears, self.chunks, self.masks = block, linears, chunks, masks
+        self.zero_min, self.sequential = zero_min, sequential
+        self.by_module = {id(lin.module): lin for lin in linears}
+        self.forwards = 0.0
+
+    def _forward(self, hook) -> list[Any]:
+        handles = [lin.module.register_forward_pre_hook(hook) for lin in self.linears]
+        outs = []
+        try:
+            for ci, (args, kwargs) in enumerate(self.chunks):
+                self._chunk = ci
+                self._seen_inputs: list[torch.Tensor] = []   # inputs of accumulated linears
+                self._blocked = False
+                try:
+                    outs.append(self.block(*args, **kwargs))
+                except _Stop:
+                    outs.append(None)
+        finally:
+            for h in handles:
+                h.remove()
+        return outs
+
+    def _accumulate(self, lin: _Linear, x: torch.Tensor) -> None:
+        if lin.hessian is None:
+            lin.hessian = Hessian(x.shape[-1], device=x.device)
+        mask = self.masks[self._chunk]
+        t0 = time.perf_counter()
+        lin.hessian.add(x, mask if mask is not None and mask.shape == x.shape[:-1] else None)
+        lin.seconds += time.perf_counter() - t0
+
+    def run(self) -> list[Any]:
+        cfg0 = self.linears[0].cfg if self.linears else None
+        if not self.linears:
+            return self._forward(lambda m, a: None)
+        if cfg0.method == "rtn":
+            for lin in self.linears:
+                _solve(lin, self.zero_min)
+            self.forwards += 1
+            return self._forward(lambda m, a: None)
+        if not self.sequential:
+            # classic GPTQ: all Hessians from the unquantized block, then one more forward
+            self._forward(lambda m, a: self._accumulate(self.by_module[id(m)], a[0]))
+            for lin in self.linears:
+                _solve(lin, self.zero_min)
+            self.forwards += 2
+            return self._forward(lambda m, a: None)
+        if len(self.chunks) == 1:
+            def inflight(m, a):
+                lin = self.by_module[id(m)]
+                if lin.result is None:
+                    self._accumulate(lin, a[0])
+                    _solve(lin, self.zero_min)
+            self.forwards += 1
+            outs = self._forward(inflight)
+        else:
+            while any(lin.result is None for lin in self.linears):
+                fresh: set[int] = set()
+
+                def replay(m, a):
+                    lin = self.by_module[id(m)]
+                    if lin.result is not None:
+                        return
+                    x = a[0]
+                    ready = not self._blocked or any(x is s for s in self._seen_inputs)
+                    if not ready:
+                        raise _Stop
+                    self._blocked = True  # later linears depend on this one unless they share x
+                    self._seen_inputs.append(x)
+                    self._accumulate(lin, x)
+                    fresh.add(id(lin.module))
+
+                self._forward(replay)
+                self.forwards += 1  # an upper bound: early exits make passes cheaper
+                if not fresh:  # linears no token reached (e.g. unrouted experts)
+                    fresh = {id(lin.module) for lin in self.linears if lin.result is None}
+                for lin in self.linears:
+                    if id(lin.module) in fresh:
+                        _solve(lin, self.zero_min)
+            self.forwards += 1
+            outs = self._forward(lambda m, a: None)
+        for lin in self.linears:  # never called in the forward (no tokens routed to it)
+            if lin.result is None:
+                _solve(lin, self.zero_min)
+        return outs
+
+
+def _first(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor,
+                         attention_mask: torch.Tensor | None, chunk_size: int) -> list[tuple[tuple, dict]]:
+    """Run the model up to block 0 for each chunk of sequences; return what block 0 received."""
+    captured: list[tuple[tuple, dict]] = []
+
+    def hook(module, args, kwargs):
+        captured.append((args, kwargs))
+        raise _Stop
+
+    h = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            for s in range(0, input_ids.shape[0], chunk_size):
+                am = attention_mask[s:s + chunk_size] if attention_mask is not None else None
+                try:
+                    model(input_ids=input_ids[s:s + chunk_size], attention_mask=am, use_cache=False)
+                except _Stop:
+                    pass
+    finally:
+        h.remove()
+    if len(captured) != -(-input_ids.shape[0] // chunk_size):
+        raise RuntimeError("could not capture the inputs of the first decoder block")
+    return captured
+
+
+def check_layers_fit(block: nn.Module, spec: ArchSpec, config: QuantizeConfig, prefix: str) -> None:
+    """Fail before any compute if a layer's shape cannot be stored in the GPTQ format."""
+    for n, m in block_linears(block, spec).items():
+        cfg = config.for_module(f"{prefix}.{n}")
+        if cfg is None:
+            continue
+        K = m.in_features
+        need = 32 if cfg.bits == 3 else 32 // cfg.bits
+        if K % need:
+            raise ConfigError(f"{prefix}.{n} has {K} inputs; {cfg.bits}-bit qweight packs {need} inputs per "
+                              f"word, so K must be a multiple of {need}. Skip it with a dynamic rule "
+                              f"{{'-:{n}': {{}}}} or pick other bits")
+
+
+def quantize_model(handle: ModelHandle, input_ids: torch.Tensor, config: QuantizeConfig, out: str | Path, *,
+                   attention_mask: torch.Tensor | None = None, tokenizer=None, batch_size: int | None = None,
+                   overwrite: bool = False, max_shard_bytes: int = 2 << 30, progress: bool = True
+                   ) -> QuantizeReport:
+    """Quantize `handle`'s model on calibration `input_ids` [n, L] and write a checkpoint at `out`.
+
+    batch_size: sequences per forward chunk; None puts all of them in one chunk (least work).
+    """
+    t_start = time.perf_counter()
+    model = handle.model
+    spec = spec_for(model)
+    blocks = get_module(model, spec.blocks)
+    nseq = input_ids.shape[0]
+    chunk = batch_size or nseq
+    zero_min = 1 if (config.checkpoint_format == "gptq" and not config.sym) else 0
+    if zero_min:
+        log.info("asymmetric quantization in checkpoint_format 'gptq' (v1): zero points kept >= 1, "
+                 "since v1 cannot store 0 (use checkpoint_format='gptq_v2' to lift this)")
+    for i, blk in enumerate(blocks[:1]):
+        check_layers_fit(blk, spec, config, f"{spec.blocks}.{i}")
+
+    writer = ShardWriter(out, max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+    report = QuantizeReport(out=str(out), calib_tokens=int(attention_mask.sum()) if attention_mask is not None
+                            else input_ids.numel())
+    handle.materialize_outside(spec.blocks)
+    dev = handle.device
+    input_ids = input_ids.to(dev)
+    attention_mask = attention_mask.to(dev) if attention_mask is not None else None
+    chunks = capture_block_inputs(model, blocks, input_ids, attention_mask, chunk)
+    masks = [attention_mask[s:s + chunk].bool() if attention_mask is not None else None
+             for s in range(0, nseq, chunk)]
+    written: set[str] = set()
+
+    bar = tqdm(range(len(blocks)), desc="quantizing blocks", disable=not progress)
+    with torch.no_grad():
+        for i in bar:
+            prefix = f"{spec.blocks}.{i}"
+            handle.materialize(prefix)
+            block = blocks[i]
+            check_layers_fit(block, spec, config, prefix)
+            lins = []
+            for n, m in block_linears(block, spec).items():
+                cfg = config.for_module(f"{prefix}.{n}")
+                if cfg is not None:
+                    lins.append(_Linear(f"{prefix}.{n}", m, cfg))
+            bq = BlockQuantizer(block, lins, chunks, masks, zero_min, config.true_sequential)
+            outs = bq.run()
+            report.forwards += bq.forwards
+            for (args, kwargs), o in zip(chunks, outs):
+                h = _first(o)
+                if not torch.isfinite(h).all():
+                    raise NumericalError(f"activations after {prefix} contain NaN/Inf; try a higher-precision "
+                                         "compute dtype (float32) or check the source weights")
+            chunks = [((_first(o),) + tuple(args[1:]), kwargs) for (args, kwargs), o in zip(chunks, outs)]
+            # write: GPTQ tensors of the solved linears, originals for everything else in the block
+            for lin in lins:
+                bias = lin.module.bias
+                writer.add_all(lin.name, gptq_tensors(lin.result, lin.cfg.bits, config.checkpoint_format, bias))
+                written.update({f"{lin.name}.weight", f"{lin.name}.bias"})
+                report.layers.append(LayerLog(lin.name, lin.cfg.bits, lin.cfg.group_size, lin.result.method,
+                                              lin.result.loss, lin.result.damp, lin.tokens,
+                                              round(lin.seconds, 4)))
+            _write_originals(handle, writer, prefix, written)
+            handle.release(prefix)
+            bar.set_postfix(loss=f"{sum(l.result.loss for l in lins) / max(1, len(lins)):.3g}")
+
+        if config.lm_head:
+            _quantize_lm_head(handle, spec, chunks, masks, config, zero_min, writer, written, report)
+    _write_originals(handle, writer, "", written)
+
+    report.seconds = time.perf_counter() - t_start
+    _write_side_files(handle, writer.directory, config, tokenizer, report)
+    writer.finalize()
+    return report
+
+
+def _write_originals(handle: ModelHandle, writer: ShardWriter, prefix: str, written: set[str]) -> None:
+    """Write the not-quantized tensors under `prefix` ('' = all remaining) in their stored dtype."""
+    if handle.streaming:
+        names = handle.keys_under(prefix) if prefix else list(handle.source.keys())
+        for k in names:
+            if k not in written:
+                writer.add(k, handle.original(k))
+                written.add(k)
+    else:
+        sd = handle.model.state_dict()
+        for k, v in sd.items():
+            if (not prefix or k.startswith(prefix + ".")) and k not in written and v.device.type != "meta":
+                if prefix == "" and _is_tied_copy(handle.model, k):
+                    continue
+                writer.add(k, v)
+                written.add(k)
+
+
+def _is_tied_copy(model: nn.Module, name: str) -> bool:
+    return name == "lm_head.weight" and bool(getattr(model.config, "tie_word_embeddings", False))
+
+
+def _quantize_lm_head(handle, spec, chunks, masks, config, zero_min, writer, written, report) -> None:
+    model = handle.model
+    head = model.get_output_embeddings()
+    cfg = config.for_module("lm_head")
+    if head is None or cfg is None:
+        return
+    norm = get_module(model, spec.final_norm)
+    lin = _Linear("lm_head", head, cfg)
+    if cfg.method != "rtn":
+        lin.hessian = Hessian(head.in_features, device=handle.device)
+        for (args, _), m in zip(chunks, masks):
+            x = norm(args[0]) if norm is not None else args[0]
+            lin.hessian.add(x, m)
+    if getattr(model.config, "tie_word_embeddings", False):
+        # the quantized head can no longer share the embedding matrix
+        head.weight = nn.Parameter(head.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+    _solve(lin, zero_min)
+    writer.add_all("lm_head", gptq_tensors(lin.result, cfg.bits, config.checkpoint_format, head.bias))
+    written.update({"lm_head.weight", "lm_head.bias"})
+    report.layers.append(LayerLog("lm_head", cfg.bits, cfg.group_size, lin.result.method, lin.result.loss,
+                                  lin.result.damp, lin.tokens, round(lin.seconds, 4)))
+
+
+def _write_side_files(handle: ModelHandle, folder: Path, config: QuantizeConfig, tokenizer,
+                      report: QuantizeReport) -> None:
+    import shutil
+    cfg = handle.model.config
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    cfg.save_pretrained(folder)
+    cj = json.loads((folder / "config.json").read_text())
+    cj["quantization_config"] = config.to_dict()
+    (folder / "config.json").write_text(json.dumps(cj, indent=2, sort_keys=True) + "\n")
+    config.save(folder)
+    for extra in ("generation_config.json",):
+        if (handle.path / extra).is_file():
+            shutil.copy(handle.path / extra, folder / extra)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    rows = [asdict(x) for x in report.layers]
+    (folder / "quant_log.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    with open(folder / "quant_log.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(LayerLog.__dataclass_fields__))
+        w.writeheader()
+        w.writerows(rows)
