@@ -1,0 +1,5 @@
+"""Evaluation: perplexity (and, later, task evaluation)."""
+
+from .perplexity import perplexity
+
+__all__ = ["perplexity"]
