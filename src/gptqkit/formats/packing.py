@@ -59,6 +59,8 @@ def unpack(words: torch.Tensor, bits: int, dim: int, n: int) -> torch.Tensor:
     _check_bits(bits)
     w = words.movedim(dim, 0).to(torch.int64) & _MASK32
     nw = w.shape[0]
+    if nw * 32 // bits < n:  # check before the zero padding below invents the missing words
+        raise ValueError(f"{nw} words of {bits} bits hold fewer than {n} values")
     ngroups = -(-nw // bits)
     if ngroups * bits != nw:
         w = torch.cat([w, w.new_zeros((ngroups * bits - nw, *w.shape[1:]))])
@@ -73,8 +75,6 @@ def unpack(words: torch.Tensor, bits: int, dim: int, n: int) -> torch.Tensor:
             val = val | (w[:, k + 1] << (32 - s))
         out[:, j] = val & maxq
     out = out.reshape(ngroups * 32, *w.shape[2:])
-    if out.shape[0] < n:
-        raise ValueError(f"{nw} words of {bits} bits hold fewer than {n} values")
     return out[:n].to(torch.int32).movedim(0, dim).contiguous()
 
 
