@@ -42,7 +42,7 @@ class Hessian:
         m = x.shape[0]
         if m == 0:
             return
-        x = x.to(self.H.dtype)
+        x = x.to(device=self.H.device, dtype=self.H.dtype)
         # H_new = (n·H + 2·xᵀx) / (n + m), computed without forming large intermediates
         self.H.mul_(self.n / (self.n + m))
         self.n += m
