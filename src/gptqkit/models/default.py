@@ -134,21 +134,20 @@ def _strip_quantizer_state(model) -> None:
             setattr(model.config, attr, DEFAULT_MODEL_NAME)
 
 
-def convert_default_model(target: Union[str, os.PathLike]) -> Path:
-    """Convert the GGUF file into a plain float32 HF folder at ``target`` (overwritten atomically).
+def save_plain_model(model, tokenizer, target: Union[str, os.PathLike]) -> Path:
+    """Save a GGUF-loaded ``model`` and ``tokenizer`` as a plain HF folder at ``target``.
 
-    The folder is written under a temporary name next to ``target`` and renamed into place only
-    when complete, so a crash never leaves a half-written folder that looks finished.
+    The GGUF quantizer state is dropped first, so the folder's config.json carries no
+    ``quantization_config`` and reloads with a plain ``from_pretrained``. The folder is written
+    under a temporary name next to ``target`` and renamed into place only when complete, so a
+    crash never leaves a half-written folder that looks finished.
     """
-    import torch
-
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = load_gguf_model(torch.float32)
     _strip_quantizer_state(model)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=str(target.parent)))
     try:
-        logger.info("Saving the default model as float32 safetensors to %s", target)
+        logger.info("Saving the default model as safetensors to %s", target)
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         cfg_path = tmp / "config.json"
@@ -166,12 +165,28 @@ def convert_default_model(target: Union[str, os.PathLike]) -> Path:
             os.replace(tmp, target)
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(tmp, target)
+            try:
+                os.replace(tmp, target)
+            except OSError:
+                if not _is_complete(target):
+                    raise
+                # Another process finished the same conversion first; keep its folder.
+                logger.info("%s was completed by another process; using it", target)
+                shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info("Default model ready at %s", target)
     return target
+
+
+def convert_default_model(target: Union[str, os.PathLike]) -> Path:
+    """Convert the GGUF file into a plain float32 HF folder at ``target`` (replaced atomically)."""
+    import torch
+
+    model, tokenizer = load_gguf_model(torch.float32)
+    save_plain_model(model, tokenizer, target)
+    logger.info("Default model ready at %s", target)
+    return Path(target)
 
 
 def default_model_dir(cache_dir: Optional[Union[str, os.PathLike]] = None) -> Path:
