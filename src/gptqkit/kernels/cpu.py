@@ -1,0 +1,248 @@
+"""The "cpu" backend: fused dequantize-GEMV in C++ (AVX2/AVX-512 via -march=native, OpenMP).
+
+* Small batches (M ≤ `gemm_min_m` rows): one pass over a repacked copy of the 4/8/2-bit
+  codes; codes are zero-extended and converted in registers and accumulated in fp32, with
+  scale and scale·zero applied once per group (w = s·q − s·z). Memory-bound at M = 1.
+* Large batches: the same kernel dequantizes tiles of output columns to fp32 (a few MiB at a
+  time, never the whole matrix) and a BLAS matmul (torch.mm) does the arithmetic.
+* Act-order: rows of the weights are permuted once at prepare time so that every group is a
+  contiguous run; each call permutes x's columns with one index_select.
+
+The C++ source (csrc/cpu_kernels.cpp) is compiled at first use with the system C++ compiler
+(`$CXX` or g++/c++), no torch headers and no ninja needed, and cached per user under
+`$GPTQKIT_CACHE_DIR` (default `$XDG_CACHE_HOME/gptqkit` or `~/.cache/gptqkit`) keyed by the hash
+of source, flags, compiler and CPU flags. If it cannot be built, `supports` returns the reason
+and QuantLinear falls back to the torch backend (the reason is logged).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from .qlinear import QuantLinear, register_backend
+from .torch_ref import unpack_layer
+
+log = logging.getLogger(__name__)
+
+_SRC = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
+_FLAG_SETS = (["-O3", "-march=native", "-fopenmp", "-std=c++17"],
+              ["-O3", "-fopenmp", "-std=c++17"],
+              ["-O3", "-std=c++17"])
+_lib = None
+_lib_error: str | None = None
+_lock = threading.Lock()
+
+BLOCK = 64  # output columns per repacked block (must match the C++ source)
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("GPTQKIT_CACHE_DIR")
+    if base:
+        return Path(base)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "gptqkit"
+
+
+def _cpu_signature() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _compiler() -> str | None:
+    for c in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if c and shutil.which(c):
+            return c
+    return None
+
+
+def _build() -> ctypes.CDLL:
+    """Compile (or reuse the cached build of) the kernels; raises RuntimeError with the reason."""
+    if os.environ.get("GPTQKIT_DISABLE_CPU_KERNEL"):
+        raise RuntimeError("disabled by GPTQKIT_DISABLE_CPU_KERNEL")
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (set $CXX or install g++)")
+    src = _SRC.read_bytes()
+    try:
+        cxx_version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except Exception as e:  # noqa: BLE001
+        raise RuntimeError(f"cannot run {cxx}: {e}") from e
+    errors = []
+    for flags in _FLAG_SETS:
+        key = hashlib.sha256(b"\0".join([src, " ".join(flags).encode(), cxx_version.encode(),
+                                         _cpu_signature().encode(), platform.machine().encode()])).hexdigest()[:20]
+        out = cache_dir() / "kernels" / f"cpu-{key}" / "libgptqkit_cpu.so"
+        if not out.exists():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+            os.close(fd)
+            cmd = [cxx, *flags, "-shared", "-fPIC", "-o", tmp, str(_SRC)]
+            log.info("building the gptqkit CPU kernel: %s", " ".join(cmd))
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            if r.returncode != 0:
+                os.unlink(tmp)
+                errors.append(f"{' '.join(flags)}: {r.stderr.strip()[-500:]}")
+                continue
+            os.replace(tmp, out)  # atomic: concurrent builders never see a partial file
+        try:
+            lib = ctypes.CDLL(str(out))
+            if lib.gk_abi_version() != 1:
+                raise OSError("ABI version mismatch")
+        except OSError as e:
+            errors.append(f"{' '.join(flags)}: cannot load {out}: {e}")
+            continue
+        p, i = ctypes.c_void_p, ctypes.c_int
+        lib.gk_gemv.argtypes = [p, p, p, p, i, i, i, i, p, i, p, i, i]
+        lib.gk_gemv.restype = i
+        lib.gk_dequant.argtypes = [p, p, p, p, i, i, i, i, i, p, i]
+        lib.gk_dequant.restype = i
+        log.debug("gptqkit CPU kernel loaded from %s (flags %s)", out, " ".join(flags))
+        return lib
+    raise RuntimeError("could not build the CPU kernel: " + " | ".join(errors))
+
+
+def get_lib() -> ctypes.CDLL | None:
+    """The compiled kernel library, or None (reason in `lib_error()`)."""
+    global _lib, _lib_error
+    with _lock:
+        if _lib is None and _lib_error is None:
+            try:
+                _lib = _build()
+            except Exception as e:  # noqa: BLE001  any failure means "fall back", with the reason
+                _lib_error = str(e)
+                log.warning("gptqkit CPU kernel unavailable, using the torch backend: %s", e)
+        return _lib
+
+
+def lib_error() -> str | None:
+    get_lib()
+    return _lib_error
+
+
+def repack(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """q [K, N] codes (any int dtype) -> uint8 [nblk, K, 8·bits] in the kernel's block layout."""
+    K, N = q.shape
+    nblk = -(-N // BLOCK)
+    qp = torch.zeros(K, nblk * BLOCK, dtype=torch.int32)
+    qp[:, :N] = q.to(torch.int32)
+    per = 8 // bits
+    qp = qp.reshape(K, nblk, 4 // per, per, 16)        # column 16·(per·h + i) + lane
+    byte = torch.zeros(K, nblk, 4 // per, 16, dtype=torch.int32)
+    for i in range(per):
+        byte |= qp[:, :, :, i, :] << (bits * i)
+    return byte.reshape(K, nblk, 8 * bits).permute(1, 0, 2).to(torch.uint8).contiguous()
+
+
+def _block_params(t: torch.Tensor, nblk: int) -> torch.Tensor:
+    """[G, N] -> float32 [nblk, G, 64] (zero-padded columns)."""
+    G, N = t.shape
+    out = torch.zeros(G, nblk * BLOCK, dtype=torch.float32)
+    out[:, :N] = t
+    return out.reshape(G, nblk, BLOCK).permute(1, 0, 2).contiguous()
+
+
+class CpuBackend:
+    name = "cpu"
+    bits_supported = (2, 4, 8)
+    # rows at or above which the BLAS path (tile dequantize + torch.mm) is used
+    gemm_min_m = int(os.environ.get("GPTQKIT_CPU_GEMM_MIN_M", "32"))
+    tile_bytes = 4 << 20  # fp32 bytes of one dequantized tile on the BLAS path
+
+    def supports(self, layer: QuantLinear, device: torch.device) -> str | None:
+        if torch.device(device).type != "cpu":
+            return f"device {device} is not a CPU"
+        if layer.bits not in self.bits_supported:
+            return f"{layer.bits}-bit is not implemented (cpu backend supports {self.bits_supported})"
+        if get_lib() is None:
+            return f"kernel unavailable: {_lib_error}"
+        return None
+
+    def prepare(self, layer: QuantLinear) -> None:
+        q, z = unpack_layer(layer)
+        K, N = layer.in_features, layer.out_features
+        g_idx = layer.g_idx.long().cpu()
+        G = layer.scales.shape[0]
+        monotonic = bool((g_idx[1:] >= g_idx[:-1]).all()) if K > 1 else True
+        if monotonic:
+            perm = None
+            gs = g_idx
+        else:  # act-order: permute K once so that groups are contiguous runs
+            perm = torch.argsort(g_idx, stable=True)
+            q = q[perm]
+            gs = g_idx[perm]
+        nblk = -(-N // BLOCK)
+        s = layer.scales.float().cpu()
+        layer._cpu_w = repack(q, layer.bits)
+        layer._cpu_s = _block_params(s, nblk)
+        layer._cpu_sz = _block_params(s * z.float(), nblk)
+        layer._cpu_seg = torch.searchsorted(gs.contiguous(), torch.arange(G + 1)).to(torch.int32).contiguous()
+        layer._cpu_gk = gs.to(torch.int32).contiguous()
+        layer._cpu_perm = perm
+        layer._cpu_nblk = nblk
+        layer._cpu_bias = layer.bias.float() if layer.bias is not None else None
+        log.debug("%s: cpu backend prepared (%d blocks, act-order permutation: %s)",
+                  layer.describe(), nblk, perm is not None)
+
+    def forward(self, layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+        lib = get_lib()
+        K, N = layer.in_features, layer.out_features
+        shape = x.shape
+        out_dtype = x.dtype if x.dtype.is_floating_point else torch.float32
+        x2 = x.reshape(-1, K)
+        if layer._cpu_perm is not None:
+            x2 = x2.index_select(1, layer._cpu_perm)
+        x2 = x2.to(torch.float32).contiguous()
+        M = x2.shape[0]
+        nt = torch.get_num_threads()
+        if M < self.gemm_min_m:
+            y = torch.empty(M, N, dtype=torch.float32)
+            if M:
+                rc = lib.gk_gemv(layer._cpu_w.data_ptr(), layer._cpu_s.data_ptr(), layer._cpu_sz.data_ptr(),
+                                 layer._cpu_seg.data_ptr(), layer.bits, K, layer._cpu_seg.numel() - 1,
+                                 layer._cpu_nblk, x2.data_ptr(), M, y.data_ptr(), N, nt)
+                assert rc == 0
+        else:
+            y = self._gemm(layer, lib, x2, nt)
+        if layer._cpu_bias is not None:
+            y += layer._cpu_bias
+        return y.to(out_dtype).reshape(*shape[:-1], N)
+
+    def _gemm(self, layer: QuantLinear, lib, x2: torch.Tensor, nt: int) -> torch.Tensor:
+        K, N = layer.in_features, layer.out_features
+        M = x2.shape[0]
+        G = layer._cpu_seg.numel() - 1
+        nblk = layer._cpu_nblk
+        nb = max(1, min(nblk, self.tile_bytes // (K * BLOCK * 4)))
+        y = torch.empty(M, N, dtype=torch.float32)
+        tile = torch.empty(K, nb * BLOCK, dtype=torch.float32)
+        for b0 in range(0, nblk, nb):
+            cnt = min(nb, nblk - b0)
+            t = tile if cnt == nb else torch.empty(K, cnt * BLOCK, dtype=torch.float32)
+            rc = lib.gk_dequant(layer._cpu_w.data_ptr(), layer._cpu_s.data_ptr(), layer._cpu_sz.data_ptr(),
+                                layer._cpu_gk.data_ptr(), layer.bits, K, G, b0, cnt, t.data_ptr(), nt)
+            assert rc == 0
+            n0, n1 = b0 * BLOCK, min(N, (b0 + cnt) * BLOCK)
+            if n1 - n0 == t.shape[1] and nblk == cnt:
+                torch.mm(x2, t, out=y)
+            else:
+                y[:, n0:n1] = torch.mm(x2, t[:, : n1 - n0])
+        return y
+
+
+register_backend("cpu", CpuBackend)
