@@ -1,7 +1,6 @@
 """Text sources, the built-in Shakespeare split, and calibration sequences."""
 
 import importlib.util
-import json
 
 import pytest
 import torch
@@ -247,3 +246,16 @@ def test_calibration_from_builtin_corpus():
     eval_text = load_text("shakespeare-eval")
     for row in cs.input_ids.tolist():
         assert "".join(chr(t) for t in row) in eval_text
+
+
+def test_hf_dataset_names_dispatch(monkeypatch):
+    asked = []
+    monkeypatch.setattr(text_mod, "_load_hf_dataset", lambda name: asked.append(name) or "some text")
+    assert load_text("wikitext2") == "some text"
+    assert load_text("C4") == "some text"
+    assert asked == ["wikitext2", "C4"]
+
+
+def test_raw_string_hint():
+    with pytest.raises(CalibrationError, match=r"wrap it in a list"):
+        load_text("just some words that are not a file")

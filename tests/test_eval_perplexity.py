@@ -108,3 +108,13 @@ def test_text_shorter_than_a_window(tiny_llama):
         perplexity(tiny_llama, CharTokenizer(), ["short"], seqlen=64, progress=False)
     with pytest.raises(CalibrationError):
         perplexity(tiny_llama, CharTokenizer(), [TEXT], seqlen=1, progress=False)
+
+
+def test_dataset_names_mean_their_eval_split(tiny_llama, monkeypatch):
+    from gptqkit.data import text as text_mod
+
+    asked = []
+    monkeypatch.setattr(text_mod, "_load_hf_dataset", lambda name: asked.append(name) or TEXT)
+    perplexity(tiny_llama, CharTokenizer(), "wikitext2", seqlen=64, max_windows=1, progress=False)
+    perplexity(tiny_llama, CharTokenizer(), "c4", seqlen=64, max_windows=1, progress=False)
+    assert asked == ["wikitext2-test", "c4-validation"]

