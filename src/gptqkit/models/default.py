@@ -158,7 +158,11 @@ def save_plain_model(model, tokenizer, target: Union[str, os.PathLike]) -> Path:
         (tmp / _MARKER).write_text(f"converted from {GGUF_FILE}\n")
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; give the folder normal permissions
+        # mkdtemp makes 0700 and some writers 0600: give the folder and files normal permissions.
+        os.chmod(tmp, 0o777 & ~umask)
+        for f in tmp.iterdir():
+            if f.is_file():
+                os.chmod(f, 0o666 & ~umask)
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=str(target.parent)))
             os.replace(target, old / target.name)
