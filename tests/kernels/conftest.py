@@ -40,6 +40,7 @@ def reference_pair(layer: QuantLinear, backend: str) -> tuple[QuantLinear, Quant
                       layer.group_size if layer.group_size != layer.in_features else -1,
                       bias=layer.bias is not None, checkpoint_format=layer.checkpoint_format)
     ref.load_state_dict(layer.state_dict())
+    ref = ref.to(layer.qweight.device)
     layer.post_init(backend)
     ref.post_init("torch")
     return layer, ref

@@ -29,11 +29,14 @@ def test_matches_torch_backend(make_layer, make_pair, relerr, bits, sym, act_ord
     assert layer.backend.name == "cpu"
     assert (layer._cpu_perm is not None) == (act_order and g != -1)  # one group: no permutation needed
     gen = torch.Generator().manual_seed(K + N)
-    # GEMV path (1..5 rows, incl. the 4-row tile and its remainders) and the BLAS path
-    for M in (1, 3, 5, 40):
+    # fused kernel: 1..8 rows and 40 rows (6-row tiles and every remainder)
+    for M in (1, 3, 5, 8, 40):
         x = torch.randn(M, K, generator=gen)
         err = relerr(layer(x), ref(x))
         assert err < TOL[torch.float32], (M, err)
+    x = torch.randn(40, K, generator=gen)  # the optional BLAS path (tile dequantize + torch.mm)
+    layer.backend.gemm_min_m = 32
+    assert relerr(layer(x), ref(x)) < TOL[torch.float32]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -49,6 +52,7 @@ def test_half_inputs_and_3d(make_layer, make_pair, relerr, dtype):
 def test_gemm_threshold_paths_agree(make_layer, make_pair, relerr, monkeypatch):
     layer, ref = make_pair(make_layer(256, 200, 4, 128, sym=True, act_order=True), "cpu")
     x = torch.randn(48, 256)
+    monkeypatch.setattr(cpu.CpuBackend, "gemm_min_m", 32)
     y_blas = layer(x)
     monkeypatch.setattr(cpu.CpuBackend, "gemm_min_m", 1 << 30)
     y_gemv = layer(x)

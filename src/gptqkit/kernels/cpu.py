@@ -1,10 +1,12 @@
 """The "cpu" backend: fused dequantize-GEMV in C++ (AVX2/AVX-512 via -march=native, OpenMP).
 
-* Small batches (M ≤ `gemm_min_m` rows): one pass over a repacked copy of the 4/8/2-bit
+* Decode (M = 1): one pass over a repacked copy of the 4/8/2-bit
   codes; codes are zero-extended and converted in registers and accumulated in fp32, with
   scale and scale·zero applied once per group (w = s·q − s·z). Memory-bound at M = 1.
-* Large batches: the same kernel dequantizes tiles of output columns to fp32 (a few MiB at a
-  time, never the whole matrix) and a BLAS matmul (torch.mm) does the arithmetic.
+* Any batch: the same kernel takes 6 rows of x (4 without AVX-512) per pass over a weight block
+  held in L2, so at M ≥ 64 it runs at the FMA limit, like a BLAS fp32 matmul but reading 8x
+  fewer weight bytes. An optional BLAS path (GPTQKIT_CPU_GEMM_MIN_M=<rows>) dequantizes tiles of
+  output columns to fp32 (a few MiB at a time, never the whole matrix) and calls torch.mm.
 * Act-order: rows of the weights are permuted once at prepare time so that every group is a
   contiguous run; each call permutes x's columns with one index_select.
 
@@ -160,8 +162,10 @@ def _block_params(t: torch.Tensor, nblk: int) -> torch.Tensor:
 class CpuBackend:
     name = "cpu"
     bits_supported = (2, 4, 8)
-    # rows at or above which the BLAS path (tile dequantize + torch.mm) is used
-    gemm_min_m = int(os.environ.get("GPTQKIT_CPU_GEMM_MIN_M", "32"))
+    # Rows at or above which the BLAS path (tile dequantize + torch.mm) is used. Off by default:
+    # the fused kernel reaches the FMA limit and measured 2.3x faster than MKL fp32 at M = 256
+    # (BENCHMARKS_KERNELS.md); set GPTQKIT_CPU_GEMM_MIN_M where a BLAS does better.
+    gemm_min_m = int(os.environ.get("GPTQKIT_CPU_GEMM_MIN_M", "0")) or (1 << 62)
     tile_bytes = 4 << 20  # fp32 bytes of one dequantized tile on the BLAS path
 
     def supports(self, layer: QuantLinear, device: torch.device) -> str | None:

@@ -103,6 +103,14 @@ static void block_rows(const uint8_t* __restrict Wb, const float* __restrict Sb,
     }
 }
 
+// rows of x per pass over a weight block: 4 rows x 4 vectors = 16 accumulators fit AVX2's and
+// AVX-512's register files; with 32 vector registers (AVX-512) 6 rows amortize decoding better
+#if defined(__AVX512F__)
+#define GK_MR 6
+#else
+#define GK_MR 4
+#endif
+
 template <int BITS>
 static void gemv_impl(const uint8_t* W, const float* S, const float* SZ, const int32_t* seg,
                       int K, int G, int nblk, const float* X, int M, float* Y, int N, int nthreads) {
@@ -115,7 +123,7 @@ static void gemv_impl(const uint8_t* W, const float* S, const float* SZ, const i
             XS[(size_t)m * G + g] = a;
         }
     constexpr int B = 8 * BITS;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
     for (int j = 0; j < nblk; ++j) {
         const uint8_t* Wb = W + (size_t)j * K * B;
         const float* Sb = S + (size_t)j * G * 64;
@@ -123,13 +131,20 @@ static void gemv_impl(const uint8_t* W, const float* S, const float* SZ, const i
         const int ncols = (N - 64 * j) < 64 ? (N - 64 * j) : 64;
         float* Yb = Y + 64 * (size_t)j;
         int m = 0;
-        for (; m + 4 <= M; m += 4)
-            block_rows<BITS, 4>(Wb, Sb, SZb, seg, G, X + (size_t)m * K, K, XS + (size_t)m * G,
-                                Yb + (size_t)m * N, N, ncols);
+        for (; m + GK_MR <= M; m += GK_MR)
+            block_rows<BITS, GK_MR>(Wb, Sb, SZb, seg, G, X + (size_t)m * K, K, XS + (size_t)m * G,
+                                    Yb + (size_t)m * N, N, ncols);
+#define GK_TAIL(R) case R: block_rows<BITS, R>(Wb, Sb, SZb, seg, G, X + (size_t)m * K, K, XS + (size_t)m * G, Yb + (size_t)m * N, N, ncols); break;
         switch (M - m) {
-            case 3: block_rows<BITS, 3>(Wb, Sb, SZb, seg, G, X + (size_t)m * K, K, XS + (size_t)m * G, Yb + (size_t)m * N, N, ncols); break;
-            case 2: block_rows<BITS, 2>(Wb, Sb, SZb, seg, G, X + (size_t)m * K, K, XS + (size_t)m * G, Yb + (size_t)m * N, N, ncols); break;
-            case 1: block_rows<BITS, 1>(Wb, Sb, SZb, seg, G, X + (size_t)m * K, K, XS + (size_t)m * G, Yb + (size_t)m * N, N, ncols); break;
+#if GK_MR > 5
+            GK_TAIL(5)
+#endif
+#if GK_MR > 4
+            GK_TAIL(4)
+#endif
+            GK_TAIL(3)
+            GK_TAIL(2)
+            GK_TAIL(1)
             default: break;
         }
     }
