@@ -72,6 +72,8 @@ def choose_backend(layer: "QuantLinear", device: torch.device, requested: str | 
         be = factory()
         why = be.supports(layer, device)
         if why is None:
+            log.debug("%s on %s uses the %s backend%s", layer.describe(), device, name,
+                      f" (skipped {'; '.join(reasons)})" if reasons else "")
             return be
         reasons.append(f"{name}: {why}")
     if reasons:
