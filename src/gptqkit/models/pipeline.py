@@ -123,6 +123,7 @@ class BlockQuantizer:
         try:
             for ci, (args, kwargs) in enumerate(self.chunks):
                 self._chunk = ci
+                self._shared: list[tuple[torch.Tensor, Hessian]] = []  # (input, its Hessian) this chunk
                 self._seen_inputs: list[torch.Tensor] = []   # inputs of accumulated linears
                 self._blocked = False
                 try:
@@ -135,8 +136,15 @@ class BlockQuantizer:
         return outs
 
     def _accumulate(self, lin: _Linear, x: torch.Tensor) -> None:
+        # Linears fed the very same tensor (q/k/v, gate/up) share one Hessian: XᵀX is
+        # the dominant cost of quantization, so it is formed once per distinct input.
+        for seen, h in self._shared:
+            if seen is x:
+                lin.hessian = h
+                return
         if lin.hessian is None:
             lin.hessian = Hessian(x.shape[-1], device=x.device)
+        self._shared.append((x, lin.hessian))
         mask = self.masks[self._chunk]
         t0 = time.perf_counter()
         lin.hessian.add(x, mask if mask is not None and mask.shape == x.shape[:-1] else None)
