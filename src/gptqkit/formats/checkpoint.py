@@ -51,6 +51,7 @@ class ShardWriter:
             shutil.rmtree(self.tmp)
         self.tmp.mkdir(parents=True)
         self.max_shard_bytes = max_shard_bytes
+        self.overwrite = overwrite
         self.pending: dict[str, torch.Tensor] = {}
         self.pending_bytes = 0
         self.shards: list[tuple[str, list[str]]] = []  # (temporary file name, tensor names)
@@ -98,7 +99,17 @@ class ShardWriter:
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
             (self.tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         (self.tmp / COMPLETE_MARK).write_text("")
+        old = None
+        if self.out.exists():  # os.replace cannot replace a non-empty folder
+            if not self.overwrite:
+                raise CheckpointError(f"{self.out} appeared while writing; the checkpoint is left in {self.tmp}")
+            old = self.out.with_name(self.out.name + ".old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(self.out, old)
         os.replace(self.tmp, self.out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
         return self.out
 
 
