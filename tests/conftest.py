@@ -70,6 +70,12 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_llama_factory():
+    """make_tiny_llama(out, seed=0, **LlamaConfig overrides) -> Path, for variants of the tiny model."""
+    return make_tiny_llama
+
+
+@pytest.fixture(scope="session")
 def tiny_text_file(tmp_path_factory) -> Path:
     p = tmp_path_factory.mktemp("tiny_text") / "text.txt"
     p.write_text(tiny_text())
