@@ -189,3 +189,138 @@ def test_out_appearing_during_write_is_not_clobbered(tmp_path):
     with pytest.raises(CheckpointError):
         w.finalize()
     assert list(out.iterdir()) == []
+
+
+# ------------------------------------------------------------------ round trip with our writer
+ROUNDTRIP = {
+    "sym4-v1": dict(bits=4, group_size=32, sym=True, checkpoint_format="gptq"),
+    "asym3-v2-act": dict(bits=3, group_size=32, sym=False, desc_act=True, checkpoint_format="gptq_v2"),
+    "asym8-v1-static": dict(bits=8, group_size=64, sym=False, desc_act=True, static_groups=True,
+                            checkpoint_format="gptq"),
+}
+QUANT_KEYS = ("bits", "group_size", "desc_act", "sym", "static_groups", "damp_percent", "true_sequential",
+              "quant_method", "checkpoint_format", "meta")
+
+
+@pytest.fixture(scope="module", params=list(ROUNDTRIP))
+def quantized(request, tiny_llama_dir, tiny_text_file, tmp_path_factory):
+    import gptqkit
+    kw = ROUNDTRIP[request.param]
+    out = tmp_path_factory.mktemp("rt") / "q"
+    text = tiny_text_file.read_text()
+    texts = [text[i * 150:] for i in range(4)]
+    rep = gptqkit.quantize(tiny_llama_dir, texts, out, nsamples=4, seqlen=32, progress=False, **kw)
+    return out, kw, rep
+
+
+def _reference_from_checkpoint(src, out):
+    """The float model with every quantized linear's weight replaced by the checkpoint's
+    dequantized weight, computed from the stored tensors with the packing functions."""
+    from transformers import AutoModelForCausalLM
+
+    from gptqkit.config import QuantizeConfig
+    from gptqkit.formats.packing import dequantize, unpack_qweight, unpack_qzeros
+    cfg = QuantizeConfig.load(out)
+    t = dict(iter_tensors(out))
+    ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    names = [k[: -len(".qweight")] for k in t if k.endswith(".qweight")]
+    with torch.no_grad():
+        for name in names:
+            lin = ref.get_submodule(name)
+            q = unpack_qweight(t[f"{name}.qweight"], cfg.bits)
+            z = unpack_qzeros(t[f"{name}.qzeros"], cfg.bits, lin.out_features, cfg.checkpoint_format)
+            lin.weight.copy_(dequantize(q, t[f"{name}.scales"], z, t[f"{name}.g_idx"]).T)
+            if lin.bias is not None:
+                lin.bias.copy_(t[f"{name}.bias"].float())
+    return ref, names, t
+
+
+def test_round_trip(quantized, tiny_llama_dir):
+    import csv
+
+    import gptqkit
+    from gptqkit.formats.packing import unpack_qzeros
+    out, kw, rep = quantized
+    assert out.is_dir() and not out.with_name(out.name + ".partial").exists()
+    # config in both places
+    qc = json.loads((out / "quantize_config.json").read_text())
+    cj = json.loads((out / "config.json").read_text())["quantization_config"]
+    for d in (qc, cj):
+        for k in QUANT_KEYS:
+            assert k in d, k
+        assert d["quant_method"] == "gptq" and d["checkpoint_format"] == kw["checkpoint_format"]
+        assert d["bits"] == kw["bits"] and d["group_size"] == kw["group_size"] and d["sym"] == kw["sym"]
+        assert d["desc_act"] == kw.get("desc_act", False)
+        assert d["static_groups"] == kw.get("static_groups", False)
+        assert any(str(x).startswith("gptqkit") for x in d["meta"]["quantizer"])
+    # logs: one row per quantized layer (2 blocks x 7 linears)
+    log = json.loads((out / "quant_log.json").read_text())
+    assert len(log["layers"]) == 14 == len(rep.layers)
+    with open(out / "quant_log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 14 and {r["name"] for r in rows} == {x["name"] for x in log["layers"]}
+    assert (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()
+
+    ref, names, t = _reference_from_checkpoint(tiny_llama_dir, out)
+    assert len(names) == 14
+    bits = kw["bits"]
+    for name in names:
+        g_idx = t[f"{name}.g_idx"].long()
+        K = g_idx.numel()
+        g = kw["group_size"]
+        assert t[f"{name}.qweight"].shape[0] == K * bits // 32 and t[f"{name}.g_idx"].dtype == torch.int32
+        assert t[f"{name}.scales"].dtype == torch.float16 and t[f"{name}.qzeros"].dtype == torch.int32
+        if kw.get("desc_act") and not kw.get("static_groups"):
+            assert sorted(g_idx.tolist()) == sorted((torch.arange(K) // g).tolist())  # a permutation of groups
+        else:
+            assert torch.equal(g_idx, torch.arange(K) // g)
+        if kw["sym"]:
+            z = unpack_qzeros(t[f"{name}.qzeros"], bits, t[f"{name}.scales"].shape[1], kw["checkpoint_format"])
+            assert (z == 2 ** (bits - 1)).all()
+        if kw["sym"] and bits == 4 and kw["checkpoint_format"] == "gptq":
+            assert (t[f"{name}.qzeros"] == 0x77777777).all()
+    assert t["model.embed_tokens.weight"].dtype == torch.float32  # non-quantized tensors keep their dtype
+
+    ids = torch.randint(4, 60, (2, 16), generator=torch.Generator().manual_seed(1))
+    for backend in ("torch", None):
+        model = gptqkit.load(out, backend=backend)
+        with torch.no_grad():
+            got, want = model(ids).logits, ref(ids).logits
+        err = (got - want).abs().max().item()
+        assert err <= 1e-4 * want.abs().max().item() + 1e-6, (backend, err)
+    from transformers import AutoModelForCausalLM
+    fp = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (fp(ids).logits - want).abs().max() > 1e-3  # the weights really were quantized
+
+
+def test_calibration_examples_with_padding(tiny_llama_dir, tmp_path):
+    import gptqkit
+    g = torch.Generator().manual_seed(0)
+    lengths = [20, 32, 9, 27]
+    examples = []
+    for n in lengths:
+        ids = torch.randint(4, 60, (n,), generator=g).tolist()
+        examples.append({"input_ids": ids, "attention_mask": [1] * n})
+    out = tmp_path / "q"
+    rep = gptqkit.quantize(tiny_llama_dir, examples, out, bits=4, group_size=32, nsamples=4, seqlen=32,
+                           progress=False)
+    assert rep.calib_tokens == sum(lengths)
+    # the Hessians saw the real tokens only, not the padding
+    assert all(layer.tokens == sum(lengths) for layer in rep.layers), [l.tokens for l in rep.layers]
+    cal = json.loads((out / "quantize_config.json").read_text())["meta"]["calibration"]
+    assert cal["nsamples"] == 4 and cal["seqlen"] == 32
+    model = gptqkit.load(out)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([examples[2]["input_ids"]])).logits).all()
+
+
+def test_quantize_refuses_existing_out(tiny_llama_dir, tmp_path):
+    import gptqkit
+    out = tmp_path / "q"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    with pytest.raises(CheckpointError):
+        gptqkit.quantize(tiny_llama_dir, ["hello world " * 20], out, nsamples=2, seqlen=16, group_size=32,
+                         progress=False)
+    assert (out / "mine.txt").read_text() == "keep"
