@@ -4,6 +4,7 @@ memory-bandwidth floor. Prints one JSON document to stdout (progress goes to std
     python benchmarks/kernels.py --quick            # a couple of minutes on 2 cores
     python benchmarks/kernels.py                    # every shape, 4 and 8 bits
     python benchmarks/kernels.py --shapes 4096x4096 --m 1,64 --bits 4
+    python benchmarks/kernels.py --table out.json   # markdown table of a saved run
 
 Every timing is the median over repeated calls. Weights are rotated over enough copies to exceed
 the last-level cache (--rotate-mb, default 256 MiB), so M = 1 numbers are DRAM-bound the way a
@@ -72,7 +73,29 @@ def copies(n: int, make):
     return [make() for _ in range(max(1, n))]
 
 
+def markdown(doc: dict) -> str:
+    """A markdown table of a JSON document this script printed."""
+    cols = [("cpu_ms", "cpu"), ("dense_fp32_ms", "fp32 mm"), ("dense_bf16_ms", "bf16 mm"),
+            ("aten_int4_fp32_ms", "aten int4 (fp32 x)"), ("aten_int4_bf16_ms", "aten int4 (bf16 x)"),
+            ("torch_backend_ms", "torch backend"), ("floor_ms", "floor")]
+    head = "| K×N | bits | M | " + " | ".join(c[1] + " ms" for c in cols) + \
+           " | vs fp32 | vs best aten | cpu / floor |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in doc["results"]:
+        cells = [f"{r['K']}×{r['N']}", str(r["bits"]), str(r["M"])]
+        cells += [f"{r[k]:.3f}" if k in r else "–" for k, _ in cols]
+        cells += [f"{r['speedup_vs_fp32']:.2f}×" if "speedup_vs_fp32" in r else "–",
+                  f"{r['speedup_vs_aten_int4']:.2f}×" if "speedup_vs_aten_int4" in r else "–",
+                  f"{r['x_floor']:.2f}" if "x_floor" in r else "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--table":
+        with open(sys.argv[2]) as f:
+            print(markdown(json.load(f)))
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="4096x4096 and two SmolLM2 shapes, 4-bit only")
     ap.add_argument("--shapes", help="comma-separated KxN list (overrides the defaults)")
@@ -80,6 +103,7 @@ def main() -> None:
     ap.add_argument("--bits", default=None, help="comma-separated bit widths (default 4,8; --quick: 4)")
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--rotate-mb", type=float, default=256.0, help="weight bytes to rotate over per case")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--no-torch-backend", action="store_true", help="skip the slow reference backend")
     args = ap.parse_args()
 
@@ -91,6 +115,8 @@ def main() -> None:
         shapes = SHAPES_MAIN + SHAPES_SMOL
     bits_list = [int(b) for b in (args.bits or ("4" if args.quick else "4,8")).split(",")]
     ms_list = [int(m) for m in args.m.split(",")]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     nt = torch.get_num_threads()
     gen = torch.Generator().manual_seed(0)
     rot = args.rotate_mb * (1 << 20)

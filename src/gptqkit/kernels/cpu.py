@@ -213,7 +213,9 @@ class CpuBackend:
             x2 = x2.index_select(1, layer._cpu_perm)
         x2 = x2.to(torch.float32).contiguous()
         M = x2.shape[0]
-        nt = torch.get_num_threads()
+        # torch's thread count, but no more than one thread per ~0.5 M multiply-adds: on tiny
+        # layers waking a second thread costs more than it saves
+        nt = max(1, min(torch.get_num_threads(), (M * K * N) >> 19, layer._cpu_nblk))
         if M < self.gemm_min_m:
             y = torch.empty(M, N, dtype=torch.float32)
             if M:

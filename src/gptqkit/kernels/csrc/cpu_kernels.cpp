@@ -81,7 +81,24 @@ static void block_rows(const uint8_t* __restrict Wb, const float* __restrict Sb,
         for (int r = 0; r < MR; ++r)
             for (int v = 0; v < 4; ++v) acc[r][v] = (v16f){};
         const uint8_t* p = Wb + (size_t)k0 * B;
-        for (int k = k0; k < k1; ++k, p += B) {
+        int k = k0;
+        if constexpr (MR == 1) {
+            // one row has only 4 accumulator chains: FMA latency, not bandwidth, would bound
+            // the loop, so unroll K by 2 into a second set of accumulators
+            v16f acc2[4] = {};
+            for (; k + 2 <= k1; k += 2, p += 2 * B) {
+                v16f w[4], u[4];
+                decode<BITS>(p, w);
+                decode<BITS>(p + B, u);
+                const float x0 = X[k], x1 = X[k + 1];
+                for (int v = 0; v < 4; ++v) {
+                    acc[0][v] += w[v] * x0;
+                    acc2[v] += u[v] * x1;
+                }
+            }
+            for (int v = 0; v < 4; ++v) acc[0][v] += acc2[v];
+        }
+        for (; k < k1; ++k, p += B) {
             v16f w[4];
             decode<BITS>(p, w);
             for (int r = 0; r < MR; ++r) {
