@@ -118,9 +118,10 @@ def _quant_config(v: Variant) -> dict:
             "max_input_length": None, "cache_block_outputs": True, "modules_in_block_to_quantize": None}
 
 
-def _quantized_layer(K: int, N: int, v: Variant, gen: torch.Generator, bias: torch.Tensor | None):
+def _quantized_layer(K: int, N: int, v: Variant, gen: torch.Generator, bias: torch.Tensor | None,
+                     bits: int | None = None):
     """Random codes/zeros/scales/g_idx, the packed checkpoint tensors and W [N, K]."""
-    b = v.bits
+    b = bits or v.bits
     g = K if v.group_size == -1 else v.group_size
     G = -(-K // g)
     q = torch.randint(0, 2 ** b, (K, N), generator=gen)
@@ -155,9 +156,13 @@ def _quantized_layer(K: int, N: int, v: Variant, gen: torch.Generator, bias: tor
     return tensors, W_T.T.contiguous()
 
 
-def build_peer_checkpoint(src: Path, out: Path, v: Variant, seed: int = 0):
+def build_peer_checkpoint(src: Path, out: Path, v: Variant, seed: int = 0, dynamic: dict | None = None):
     """Write a peer-style GPTQ checkpoint of the float model at `src` into `out`; return the
-    float reference model holding the dequantized weights."""
+    float reference model holding the dequantized weights.
+
+    dynamic: GPTQModel-style per-module rules, {"+:regex": {"bits": b}} or {"-:regex": {}}
+    (skipped: the float weight is stored instead)."""
+    import re
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     gen = torch.Generator().manual_seed(seed)
@@ -166,9 +171,18 @@ def build_peer_checkpoint(src: Path, out: Path, v: Variant, seed: int = 0):
     qnames = [f"model.layers.{i}.{n}" for i in range(len(model.model.layers)) for n in LINEARS]
     if v.lm_head:
         qnames.append("lm_head")
+    bits_of: dict[str, int] = {}
+    for name in list(qnames):
+        for rule, over in (dynamic or {}).items():
+            if re.search(rule[2:], name):
+                if rule.startswith("-:"):
+                    qnames.remove(name)
+                else:
+                    bits_of[name] = over["bits"]
+                break
     for name in qnames:
         lin = model.get_submodule(name)
-        tensors, W = _quantized_layer(lin.in_features, lin.out_features, v, gen, lin.bias)
+        tensors, W = _quantized_layer(lin.in_features, lin.out_features, v, gen, lin.bias, bits_of.get(name))
         state.update({f"{name}.{k}": t for k, t in tensors.items()})
         deq[name] = W
     other_dtype = torch.float16 if v.producer == "autogptq" else torch.float32
@@ -179,6 +193,8 @@ def build_peer_checkpoint(src: Path, out: Path, v: Variant, seed: int = 0):
     out.mkdir(parents=True)
     cfg = model.config.to_dict()
     qc = _quant_config(v)
+    if dynamic:
+        qc["dynamic"] = dynamic
     cfg["quantization_config"] = qc
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     if v.producer != "transformers":
@@ -262,6 +278,23 @@ def test_load_peer_checkpoint(v, tiny_llama_dir, tiny_llama_bias_dir, tmp_path):
     with torch.no_grad():
         _assert_close_logits(auto(ids).logits, ref_logits, rel=1e-3)
         assert auto.generate(ids[:1], **gen_kw).shape == (1, ids.shape[1] + 4)
+
+
+def test_gptqmodel_dynamic_mixed_bits_and_skipped_layers(tiny_llama_dir, tmp_path):
+    v = Variant("gptqmodel", "gptq", 4, 32, sym=False)
+    out = tmp_path / "peer"
+    dynamic = {"+:.*down_proj": {"bits": 8}, "+:.*layers\\.1\\..*gate_proj": {"bits": 2}, "-:.*o_proj": {}}
+    ref, nq = build_peer_checkpoint(tiny_llama_dir, out, v, dynamic=dynamic)
+    assert nq == 12
+    model = gptqkit.load(out, backend="torch")
+    qls = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert len(qls) == 12
+    assert qls["model.layers.0.mlp.down_proj"].bits == 8 and qls["model.layers.1.mlp.gate_proj"].bits == 2
+    assert qls["model.layers.0.mlp.gate_proj"].bits == 4
+    assert isinstance(model.model.layers[0].self_attn.o_proj, nn.Linear)
+    ids = _ids()
+    with torch.no_grad():
+        _assert_close_logits(model(ids).logits, ref(ids).logits)
 
 
 def test_autogptq_single_file_name_without_index(tiny_llama_dir, tmp_path):
