@@ -81,12 +81,16 @@ def test_generate_json(cli_checkpoint, capsys):
     assert isinstance(r["completion"], str)
 
 
-def test_quantize_rtn(tiny_llama_dir, tiny_text_file, tmp_path, capsys):
+def test_quantize_rtn_overwrite(tiny_llama_dir, tiny_text_file, tmp_path, capsys):
     out = tmp_path / "rtn"
-    rc, stdout, _ = _run(capsys, "quantize", tiny_llama_dir, "--calib", tiny_text_file, "--nsamples", "2",
-                         "--seqlen", "16", "--group-size", "32", "--bits", "8", "--method", "rtn", "--out", out,
-                         "--no-eval", "--json")
-    assert rc == 0
+    out.mkdir()
+    (out / "stale.safetensors").write_bytes(b"old run")
+    rc, stdout, stderr = _run(capsys, "quantize", tiny_llama_dir, "--calib", tiny_text_file, "--nsamples", "2",
+                              "--seqlen", "16", "--group-size", "32", "--bits", "8", "--method", "rtn", "--out",
+                              out, "--no-eval", "--json", "--overwrite")
+    assert rc == 0, stderr
+    assert not (out / "stale.safetensors").exists()  # replaced, not merged
+    assert not out.with_name("rtn.old").exists() and not out.with_name("rtn.partial").exists()
     res = json.loads(stdout)
     assert res["config"]["meta"]["method"] == "rtn"
     qc = json.loads((out / "quantize_config.json").read_text())

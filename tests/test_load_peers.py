@@ -70,15 +70,19 @@ class Variant:
     bias: bool = False
     sharded: bool = False
     lm_head: bool = False
+    zero_bias: bool = False  # old AutoGPTQ wrote an all-zero bias for every QuantLinear
+
 
     def __str__(self) -> str:
         return (f"{self.producer}-{self.fmt}-{self.bits}b-g{self.group_size}{'-act' if self.desc_act else ''}"
                 f"{'-sym' if self.sym else '-asym'}{'-bias' if self.bias else ''}"
-                f"{'-sharded' if self.sharded else ''}{'-lmhead' if self.lm_head else ''}")
+                f"{'-sharded' if self.sharded else ''}{'-lmhead' if self.lm_head else ''}"
+                f"{'-zerobias' if self.zero_bias else ''}")
 
 
 VARIANTS = [
     Variant("autogptq", "gptq", 4, 32),
+    Variant("autogptq", "gptq", 4, 32, desc_act=True, zero_bias=True),
     Variant("autogptq", "gptq", 4, 32, desc_act=True, sym=False, bias=True),
     Variant("autogptq", "gptq", 3, 32, sym=False),
     Variant("autogptq", "gptq", 2, -1, desc_act=True),
@@ -182,7 +186,8 @@ def build_peer_checkpoint(src: Path, out: Path, v: Variant, seed: int = 0, dynam
                 break
     for name in qnames:
         lin = model.get_submodule(name)
-        tensors, W = _quantized_layer(lin.in_features, lin.out_features, v, gen, lin.bias, bits_of.get(name))
+        bias = lin.bias if lin.bias is not None or not v.zero_bias else torch.zeros(lin.out_features)
+        tensors, W = _quantized_layer(lin.in_features, lin.out_features, v, gen, bias, bits_of.get(name))
         state.update({f"{name}.{k}": t for k, t in tensors.items()})
         deq[name] = W
     other_dtype = torch.float16 if v.producer == "autogptq" else torch.float32
@@ -255,7 +260,7 @@ def test_load_peer_checkpoint(v, tiny_llama_dir, tiny_llama_bias_dir, tmp_path):
     assert len(qls) == nq
     assert all(m.bits == v.bits and m.checkpoint_format == v.fmt for m in qls.values())
     assert ("lm_head" in qls) == v.lm_head
-    if v.bias:
+    if v.bias or v.zero_bias:
         assert qls["model.layers.0.self_attn.q_proj"].bias is not None
     assert model.quantize_config.bits == v.bits and model.quantize_config.desc_act == v.desc_act
     with torch.no_grad():
