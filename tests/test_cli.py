@@ -131,3 +131,14 @@ def test_inspect_not_a_checkpoint(tiny_llama_dir, tmp_path, capsys):
     assert rc == 2 and "error:" in stderr
     rc, _, stderr = _run(capsys, "eval", tmp_path / "nowhere", "--json")
     assert rc == 2 and "error:" in stderr
+
+
+def test_generate_bad_and_empty_prompt(cli_checkpoint, capsys):
+    _, _, out = cli_checkpoint
+    rc, _, stderr = _run(capsys, "generate", out, "hi", "--max-new-tokens", "0", "--json")
+    assert rc == 2 and "error:" in stderr and "max-new-tokens" in stderr
+    rc, _, stderr = _run(capsys, "generate", out, "hi", "--backend", "nope", "--json")
+    assert rc == 2 and "error:" in stderr
+    rc, stdout, stderr = _run(capsys, "generate", out, "", "--max-new-tokens", "3", "--json")
+    assert rc == 0, stderr
+    assert json.loads(stdout)["new_tokens"] >= 1

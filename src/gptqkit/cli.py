@@ -106,8 +106,17 @@ def cmd_eval(a) -> int:
 
 def cmd_generate(a) -> int:
     import torch
+
+    from .errors import ConfigError
+    if a.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be at least 1, got {a.max_new_tokens}")
     model, tok = _load_any(a.model, a.backend, a.device)
-    enc = tok(a.prompt, return_tensors="pt").to(a.device)
+    enc = tok(a.prompt, return_tensors="pt")
+    if enc["input_ids"].shape[1] == 0:  # empty prompt: start from BOS, or say what is wrong
+        if tok.bos_token_id is None:
+            raise ConfigError("the prompt is empty and the tokenizer has no BOS token to start from; give a prompt")
+        enc = {"input_ids": torch.tensor([[tok.bos_token_id]]), "attention_mask": torch.ones(1, 1, dtype=torch.long)}
+    enc = {k: v.to(a.device) for k, v in enc.items()}
     t0 = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(**enc, max_new_tokens=a.max_new_tokens, do_sample=a.temperature > 0,
