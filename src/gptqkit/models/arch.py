@@ -1,17 +1,40 @@
 """Architecture knowledge, kept as data.
 
-The pipeline needs three facts about a model: where its list of decoder blocks lives, which
-module turns the last block's output into the lm_head's input (the final norm), and which
-linears inside a block must stay in full precision (MoE routers). Which linears a block has,
-and in what order they run, is found at run time by hooking every nn.Linear, so most
-architectures need no entry at all: the generic fallback finds the repeated block list.
+The pipeline needs a few facts about a model, and every one of them is data in an ArchSpec:
+
+- ``blocks``: where the nn.ModuleList of decoder blocks lives;
+- ``outside``: the modules outside the blocks (embeddings, final norm, lm_head …), loaded
+  before the blocks and written in full precision;
+- ``final_norm``: the module that turns the last block's output into the lm_head's input
+  (only needed to quantize the lm_head);
+- ``skip``: regexes on names inside a block for linears that must stay in full precision
+  (MoE routers and gates); embeddings and norms are never nn.Linear, so never quantized.
+
+What a spec does NOT list is the sequential groups of linears inside a block (q/k/v → o →
+gate/up → down). The pipeline discovers them at run time: it hooks every quantizable linear
+of the block, and a linear is solved the moment its input is complete, in the order the
+block's own forward uses them, with linears fed the same tensor sharing one Hessian. So a
+block with unusual wiring (parallel attention/MLP as in GPT-J/Falcon/Phi/Cohere, MLA as in
+DeepSeek, routed experts) needs no entry for its order. The same goes for the block's inputs
+(rotary embeddings, ALiBi, per-layer sliding/global masks, position ids): the pipeline
+records what each block received in a normal forward and replays it.
+
+A model_type the registry does not list goes through :func:`discover`, which finds the
+largest list of identical blocks holding linears and the final norm after it, and logs what
+it found. Most decoder-only models therefore need no entry at all; entries exist to make the
+known ones explicit and checked (see ARCHITECTURES.md for the tested table).
+
+Structural rewrites that quantization needs are done here too, generically:
+GPT-2's ``Conv1D`` (a Linear with a transposed weight) becomes an nn.Linear, and fused 3-D
+MoE expert weights are unfused into per-expert Linears (see :mod:`gptqkit.models.moe`).
 """
 from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -25,25 +48,74 @@ class ArchSpec:
     blocks: str                       # dotted path of the nn.ModuleList of decoder blocks
     final_norm: str | None = None     # dotted path of the norm before lm_head
     skip: tuple[str, ...] = DEFAULT_SKIP  # regexes on names inside a block: keep full precision
+    outside: tuple[str, ...] = ()     # modules outside the blocks (documentation + checks)
+    moe: bool = False                 # has routed experts (unfused per expert when fused)
+    hf_class: str = ""                # transformers class, for the table
     notes: str = ""
 
 
-_LLAMA = ArchSpec("model.layers", "model.norm")
+def _spec(blocks: str, final_norm: str, outside: tuple[str, ...], hf_class: str, moe: bool = False,
+          notes: str = "") -> ArchSpec:
+    return ArchSpec(blocks, final_norm, DEFAULT_SKIP, outside, moe, hf_class, notes)
 
-# model_type -> spec. Families that share Llama's layout share its entry.
+
+_LL_OUT = ("model.embed_tokens", "model.norm", "model.rotary_emb", "lm_head")
+
+
+def _llama_like(hf_class: str, moe: bool = False, notes: str = "") -> ArchSpec:
+    return _spec("model.layers", "model.norm", _LL_OUT, hf_class, moe, notes)
+
+
+_GPT_OUT = ("transformer.wte", "transformer.ln_f", "lm_head")
+
+# model_type -> spec
 ARCHS: dict[str, ArchSpec] = {
-    **{t: _LLAMA for t in (
-        "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo",
-        "olmo2", "cohere", "mixtral", "qwen2_moe", "qwen3_moe", "starcoder2", "granite",
-        "deepseek_v2", "deepseek_v3", "internlm2", "stablelm")},
-    "phi": ArchSpec("model.layers", "model.final_layernorm"),
-    "opt": ArchSpec("model.decoder.layers", "model.decoder.final_layer_norm"),
-    "gpt2": ArchSpec("transformer.h", "transformer.ln_f"),
-    "gpt_bigcode": ArchSpec("transformer.h", "transformer.ln_f"),
-    "gptj": ArchSpec("transformer.h", "transformer.ln_f"),
-    "gpt_neox": ArchSpec("gpt_neox.layers", "gpt_neox.final_layer_norm"),
-    "falcon": ArchSpec("transformer.h", "transformer.ln_f"),
-    "bloom": ArchSpec("transformer.h", "transformer.ln_f"),
+    "llama": _llama_like("LlamaForCausalLM"),
+    "mistral": _llama_like("MistralForCausalLM", notes="sliding-window attention"),
+    "mixtral": _llama_like("MixtralForCausalLM", moe=True, notes="fused experts unfused per expert; router kept"),
+    "qwen2": _llama_like("Qwen2ForCausalLM", notes="q/k/v bias"),
+    "qwen2_moe": _llama_like("Qwen2MoeForCausalLM", moe=True,
+                             notes="routed + shared expert; router and shared_expert_gate kept"),
+    "qwen3": _llama_like("Qwen3ForCausalLM", notes="q/k norms"),
+    "qwen3_moe": _llama_like("Qwen3MoeForCausalLM", moe=True),
+    "gemma": _llama_like("GemmaForCausalLM", notes="scaled embeddings, tied lm_head"),
+    "gemma2": _llama_like("Gemma2ForCausalLM",
+                          notes="sliding/global layers get different masks: per-block inputs replayed"),
+    "gemma3_text": _llama_like("Gemma3ForCausalLM",
+                               notes="per-layer-type masks and rotary embeddings: per-block inputs replayed"),
+    "phi3": _llama_like("Phi3ForCausalLM", notes="fused qkv_proj and gate_up_proj"),
+    "olmo": _llama_like("OlmoForCausalLM", notes="non-parametric layer norm"),
+    "olmo2": _llama_like("Olmo2ForCausalLM"),
+    "cohere": _llama_like("CohereForCausalLM", notes="parallel attention + MLP"),
+    "starcoder2": _llama_like("Starcoder2ForCausalLM", notes="c_fc/c_proj MLP with bias"),
+    "granite": _llama_like("GraniteForCausalLM"),
+    "stablelm": _llama_like("StableLmForCausalLM"),
+    "deepseek_v2": _llama_like("DeepseekV2ForCausalLM", moe=True, notes="MLA attention, shared experts"),
+    "deepseek_v3": _llama_like("DeepseekV3ForCausalLM", moe=True, notes="MLA attention, shared experts"),
+    "olmoe": _llama_like("OlmoeForCausalLM", moe=True),
+    "phi": _spec("model.layers", "model.final_layernorm",
+                 ("model.embed_tokens", "model.final_layernorm", "model.rotary_emb", "lm_head"),
+                 "PhiForCausalLM", notes="parallel attention + MLP, partial rotary"),
+    "opt": _spec("model.decoder.layers", "model.decoder.final_layer_norm",
+                 ("model.decoder.embed_tokens", "model.decoder.embed_positions",
+                  "model.decoder.final_layer_norm", "lm_head"), "OPTForCausalLM", notes="learned positions"),
+    "gpt2": _spec("transformer.h", "transformer.ln_f", ("transformer.wte", "transformer.wpe", "transformer.ln_f",
+                                                        "lm_head"),
+                  "GPT2LMHeadModel", notes="Conv1D layers quantized as Linear (transposed weight)"),
+    "gpt_bigcode": _spec("transformer.h", "transformer.ln_f", ("transformer.wte", "transformer.wpe",
+                                                               "transformer.ln_f", "lm_head"),
+                         "GPTBigCodeForCausalLM", notes="multi-query attention"),
+    "gptj": _spec("transformer.h", "transformer.ln_f", _GPT_OUT, "GPTJForCausalLM",
+                  notes="parallel attention + MLP, rotary"),
+    "gpt_neox": _spec("gpt_neox.layers", "gpt_neox.final_layer_norm",
+                      ("gpt_neox.embed_in", "gpt_neox.final_layer_norm", "gpt_neox.rotary_emb", "embed_out"),
+                      "GPTNeoXForCausalLM", notes="fused query_key_value"),
+    "falcon": _spec("transformer.h", "transformer.ln_f", _GPT_OUT, "FalconForCausalLM",
+                    notes="fused query_key_value, parallel attention"),
+    "bloom": _spec("transformer.h", "transformer.ln_f", ("transformer.word_embeddings",
+                                                         "transformer.word_embeddings_layernorm",
+                                                         "transformer.ln_f", "lm_head"),
+                   "BloomForCausalLM", notes="ALiBi passed to each block"),
 }
 
 
@@ -58,37 +130,60 @@ def get_module(root: nn.Module, path: str | None) -> nn.Module | None:
     return m
 
 
+def _is_linear_like(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
+
+
 def discover(model: nn.Module) -> ArchSpec:
     """Generic fallback: the largest nn.ModuleList of identical blocks that hold linears."""
     best = None
     for name, mod in model.named_modules():
         if isinstance(mod, nn.ModuleList) and len(mod) > 0:
             kinds = {type(b) for b in mod}
-            has_linear = any(isinstance(m, nn.Linear) for m in mod[0].modules())
+            has_linear = any(_is_linear_like(m) for m in mod[0].modules())
             if len(kinds) == 1 and has_linear and (best is None or len(mod) > len(best[1])):
                 best = (name, mod)
     if best is None:
         raise ValueError(f"cannot find the decoder blocks of {type(model).__name__}: no repeated "
                          "nn.ModuleList of blocks with linear layers")
-    blocks_path = best[0]
+    blocks_path, blocks = best
     # the final norm: a norm-like module outside the blocks, registered after them
     final = None
+    outside = []
     for name, mod in model.named_modules():
-        if name.startswith(blocks_path) or not name:
+        if not name or name == blocks_path or name.startswith(blocks_path + "."):
             continue
+        if any(c for c in mod.children()):
+            continue  # report leaves only
+        outside.append(name)
         if re.search(r"norm|ln_f", type(mod).__name__.lower() + " " + name.split(".")[-1].lower()):
             final = name
-    spec = ArchSpec(blocks_path, final, notes="discovered")
-    log.info("architecture %s is not in the registry; discovered %d blocks at %r, final norm %r",
-             type(model).__name__, len(best[1]), blocks_path, final)
+    spec = ArchSpec(blocks_path, final, DEFAULT_SKIP, tuple(outside), has_fused_or_routed(blocks[0]),
+                    type(model).__name__, notes="discovered")
+    lin = sorted(n for n, m in blocks[0].named_modules() if _is_linear_like(m))
+    skipped = [n for n in lin if is_skipped(n, spec)]
+    log.info("architecture %s (model_type %r) is not in the registry; discovered %d blocks of %s at %r, "
+             "final norm %r, outside the blocks %s; linears per block %s%s",
+             type(model).__name__, getattr(getattr(model, "config", None), "model_type", None), len(blocks),
+             type(blocks[0]).__name__, blocks_path, final, outside, lin,
+             f", kept in full precision {skipped}" if skipped else "")
     return spec
+
+
+def has_fused_or_routed(block: nn.Module) -> bool:
+    from .moe import has_fused_experts
+    return has_fused_experts(block) or any(re.search(r"(^|\.)experts$", n) for n, _ in block.named_modules())
 
 
 def spec_for(model: nn.Module) -> ArchSpec:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     spec = ARCHS.get(model_type)
     if spec is not None and isinstance(get_module(model, spec.blocks), nn.ModuleList):
+        log.debug("architecture %r: blocks at %r, final norm %r", model_type, spec.blocks, spec.final_norm)
         return spec
+    if spec is not None:
+        log.warning("registry entry of %r names blocks at %r, which this model lacks; discovering instead",
+                    model_type, spec.blocks)
     return discover(model)
 
 
@@ -100,3 +195,32 @@ def block_linears(block: nn.Module, spec: ArchSpec) -> dict[str, nn.Linear]:
     """The quantizable linears of a block, by name inside the block."""
     return {n: m for n, m in block.named_modules()
             if isinstance(m, nn.Linear) and not is_skipped(n, spec)}
+
+
+def conv1d_to_linear(m: nn.Module) -> nn.Linear:
+    """transformers' Conv1D (weight [in, out], y = x·W + b) as the equivalent nn.Linear."""
+    K, N = m.weight.shape
+    lin = nn.Linear(K, N, bias=m.bias is not None, device=m.weight.device, dtype=m.weight.dtype)
+    with torch.no_grad():
+        if m.weight.device.type != "meta":
+            lin.weight.copy_(m.weight.T)
+            if m.bias is not None:
+                lin.bias.copy_(m.bias)
+    return lin
+
+
+def prepare_block(block: nn.Module, spec: ArchSpec, quantized=lambda name: True, prefix: str = "") -> list[str]:
+    """Rewrite a materialized block into plain nn.Linears that GPTQ can hook, in place.
+
+    - fused 3-D MoE experts -> one gate_proj/up_proj/down_proj Linear per expert;
+    - Conv1D -> nn.Linear, only where `quantized(name_in_block)` is true (a Conv1D left in
+      full precision is written unchanged, in the layout the model expects).
+    Returns the full names of parameters that no longer exist (fused expert weights).
+    """
+    from .moe import unfuse_experts
+    removed = unfuse_experts(block, prefix)
+    for n, m in list(block.named_modules()):
+        if type(m).__name__ == "Conv1D" and not is_skipped(n, spec) and quantized(n):
+            parent, _, child = n.rpartition(".")
+            setattr(block.get_submodule(parent) if parent else block, child, conv1d_to_linear(m))
+    return removed

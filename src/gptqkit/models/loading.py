@@ -9,6 +9,7 @@ skipped layers) load as they are.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -57,6 +58,11 @@ def load_quantized(path: str | Path, *, backend: str | None = None, device: str 
 
     tensors = dict(iter_tensors(path))
     qnames = sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
+    # [arch] MoE checkpoints store one Linear per expert (experts.{e}.gate_proj …); transformers 5
+    # builds fused 3-D expert parameters, so rebuild the per-expert structure the quantizer used
+    from .moe import has_fused_experts, unfuse_experts
+    if has_fused_experts(model) and any(re.search(r"\.experts\.\d+\.", k) for k in tensors):
+        unfuse_experts(model)
     if not qnames:
         raise CheckpointError(f"{path} has a GPTQ config but no qweight tensors; the checkpoint is incomplete")
     for name in qnames:
@@ -64,9 +70,12 @@ def load_quantized(path: str | Path, *, backend: str | None = None, device: str 
             old = model.get_submodule(name)
         except AttributeError as e:
             raise CheckpointError(f"checkpoint has quantized layer {name!r}, which this model does not have") from e
-        if not isinstance(old, nn.Linear):
+        if isinstance(old, nn.Linear):
+            K, N = old.in_features, old.out_features
+        elif type(old).__name__ == "Conv1D":  # [arch] GPT-2: weight [in, out]; GPTQ packs it as a Linear
+            K, N = old.weight.shape
+        else:
             raise CheckpointError(f"{name} is a {type(old).__name__}, not a Linear; cannot hold GPTQ tensors")
-        K, N = old.in_features, old.out_features
         bits = _bits_from_shapes(tensors[f"{name}.qweight"].shape[0], K)
         G = tensors[f"{name}.scales"].shape[0]
         cfg = qcfg.for_module(name) or qcfg

@@ -35,7 +35,7 @@ from ..formats.checkpoint import ShardWriter, gptq_tensors
 from ..quant.gptq import Hessian, gptq_solve
 from ..quant.result import QuantResult
 from ..quant.rtn import rtn_solve
-from .arch import ArchSpec, block_linears, get_module, spec_for
+from .arch import ArchSpec, block_linears, get_module, prepare_block, spec_for
 from .source import ModelHandle
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,11 @@ class QuantizeReport:
         return d
 
 
+# A linear (typically a rarely routed MoE expert) that saw fewer calibration tokens than this is
+# quantized with round-to-nearest instead of GPTQ; the choice is logged per layer.
+MIN_GPTQ_TOKENS = 8
+
+
 class _Stop(Exception):
     """Raised inside a forward to stop it early (input capture, replay early exit)."""
 
@@ -94,6 +99,14 @@ def _solve(lin: _Linear, zero_min: int) -> None:
         log.warning("%s received no calibration tokens; quantized with round-to-nearest", lin.name)
         res = rtn_solve(W, cfg.bits, cfg.group_size, cfg.sym, cfg.mse, zero_min)
         res.method = "rtn-no-tokens"
+    elif lin.hessian.n < MIN_GPTQ_TOKENS:
+        # [arch/MoE] an expert the router sent only a handful of tokens: a Hessian of rank <= n
+        # would let GPTQ overfit those few tokens; round-to-nearest is the sound choice. Logged
+        # per layer here and recorded as the method in quant_log.
+        log.warning("%s received only %d calibration tokens (< %d); quantized with round-to-nearest",
+                    lin.name, lin.hessian.n, MIN_GPTQ_TOKENS)
+        res = rtn_solve(W, cfg.bits, cfg.group_size, cfg.sym, cfg.mse, zero_min)
+        res.method = "rtn-few-tokens"
     else:
         res = gptq_solve(W, lin.hessian.H, cfg.bits, cfg.group_size, cfg.sym, cfg.desc_act, cfg.static_groups,
                          cfg.damp_percent, cfg.damp_auto_increment, cfg.mse, cfg.blocksize, zero_min)
@@ -235,6 +248,60 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: tor
     return captured
 
 
+def capture_per_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor,
+                             attention_mask: torch.Tensor | None, chunk_size: int
+                             ) -> tuple[list[tuple[tuple, dict]], list[list[tuple[tuple, dict]]]] | None:
+    """[arch] What every block receives besides its hidden states, from one normal forward.
+
+    Blocks may get per-layer inputs chosen inside the decoder loop (Gemma2/3 pick a sliding or
+    global mask and rotary table by layer type), so block 0's kwargs are not always right for
+    block i. Every block's forward is replaced by a stub that records (args, kwargs) and passes
+    its hidden states through unchanged (as a 1-tuple, which suits loops that take `out[0]`
+    and loops that pass the output on as is); the last one stops the forward. Returns
+    (block 0's full inputs per chunk, [per block: per chunk (args[1:], kwargs)]), or None if
+    the decoder loop does not tolerate the stubs (the caller then reuses block 0's kwargs).
+    """
+    n = len(blocks)
+    seen: list[list[tuple[tuple, dict]]] = [[] for _ in range(n)]
+    first: list[tuple[tuple, dict]] = []
+
+    def stub(i):
+        def forward(*args, **kwargs):
+            if not args and "hidden_states" in kwargs:
+                kwargs = dict(kwargs)
+                args = (kwargs.pop("hidden_states"),)
+            h = args[0]
+            if i == 0:
+                first.append((args, kwargs))
+            seen[i].append((tuple(args[1:]), kwargs))
+            if i == n - 1:
+                raise _Stop
+            return (_first(h),)
+        return forward
+
+    for i, b in enumerate(blocks):
+        b.forward = stub(i)  # instance attribute shadows the class's forward
+    try:
+        with torch.inference_mode():
+            for s in range(0, input_ids.shape[0], chunk_size):
+                am = attention_mask[s:s + chunk_size] if attention_mask is not None else None
+                try:
+                    model(input_ids=input_ids[s:s + chunk_size], attention_mask=am, use_cache=False)
+                except _Stop:
+                    pass
+    except Exception as e:  # noqa: BLE001 - any failure means: fall back to block 0's kwargs
+        log.info("per-block input capture failed (%s: %s); every block replays block 0's inputs",
+                 type(e).__name__, e)
+        return None
+    finally:
+        for b in blocks:
+            del b.forward
+    nchunks = -(-input_ids.shape[0] // chunk_size)
+    if len(first) != nchunks or any(len(x) != nchunks for x in seen):
+        return None
+    return first, seen
+
+
 def check_layers_fit(block: nn.Module, spec: ArchSpec, config: QuantizeConfig, prefix: str) -> None:
     """Fail before any compute if a layer's shape cannot be stored in the GPTQ format."""
     for n, m in block_linears(block, spec).items():
@@ -277,7 +344,12 @@ def quantize_model(handle: ModelHandle, input_ids: torch.Tensor, config: Quantiz
     dev = handle.device
     input_ids = input_ids.to(dev)
     attention_mask = attention_mask.to(dev) if attention_mask is not None else None
-    chunks = capture_block_inputs(model, blocks, input_ids, attention_mask, chunk)
+    # [arch] record what each block receives (per-layer masks / rotary tables differ by layer type)
+    per_block = capture_per_block_inputs(model, blocks, input_ids, attention_mask, chunk)
+    if per_block is not None:
+        chunks, block_rest = per_block
+    else:
+        chunks, block_rest = capture_block_inputs(model, blocks, input_ids, attention_mask, chunk), None
     masks = [attention_mask[s:s + chunk].bool() if attention_mask is not None else None
              for s in range(0, nseq, chunk)]
     written: set[str] = set()
@@ -288,6 +360,11 @@ def quantize_model(handle: ModelHandle, input_ids: torch.Tensor, config: Quantiz
             prefix = f"{spec.blocks}.{i}"
             handle.materialize(prefix)
             block = blocks[i]
+            if block_rest is not None:  # [arch] this block's own kwargs (and extra positional args)
+                chunks = [((args[0],) + tuple(rest), kw) for (args, _), (rest, kw) in zip(chunks, block_rest[i])]
+            # [arch] unfuse 3-D MoE experts into per-expert Linears, Conv1D -> Linear
+            written.update(prepare_block(block, spec, lambda n: config.for_module(f"{prefix}.{n}") is not None,
+                                         prefix))
             check_layers_fit(block, spec, config, prefix)
             lins = []
             for n, m in block_linears(block, spec).items():
