@@ -25,8 +25,9 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def build_tiny(model_type: str, out: Path, seed: int = 0, **kw) -> Path:
-    """A random tiny model of `model_type` saved (float32 safetensors) at `out`."""
+def build_tiny(model_type: str, out: Path, seed: int = 0, init=None, **kw) -> Path:
+    """A random tiny model of `model_type` saved (float32 safetensors) at `out`; `init(model)`
+    may adjust the weights before saving."""
     from transformers import AutoConfig, AutoModelForCausalLM
     cfg = AutoConfig.for_model(model_type, **kw)
     torch.manual_seed(seed)
@@ -35,6 +36,8 @@ def build_tiny(model_type: str, out: Path, seed: int = 0, **kw) -> Path:
         for n, p in model.named_parameters():
             if p.dim() >= 2 and "embed" not in n and "wte" not in n and "wpe" not in n:
                 p.normal_(0, 0.1)
+        if init is not None:
+            init(model)
     model.save_pretrained(out)
     return Path(out)
 

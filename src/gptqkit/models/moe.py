@@ -86,8 +86,11 @@ def fused_count(m: nn.Module) -> int:
 
 
 def _is_fused_experts(m: nn.Module) -> bool:
-    p = getattr(m, "_parameters", {})
-    return any(n in p and p[n] is not None and p[n].dim() == 3 for n in ("gate_up_proj", "down_proj", "up_proj"))
+    """Any module holding 3-D parameters (other than convolutions) is taken for fused experts:
+    either it is unfused, or it is reported as left in full precision."""
+    if isinstance(m, nn.modules.conv._ConvNd):
+        return False
+    return any(p is not None and p.dim() == 3 for p in getattr(m, "_parameters", {}).values())
 
 
 def _unfuse_one(m: nn.Module) -> UnfusedExperts | str:

@@ -188,8 +188,10 @@ class BlockQuantizer:
             self.forwards += 1
             outs = self._forward(inflight)
         else:
+            order = {id(lin.module): k for k, lin in enumerate(self.linears)}  # registration order
             while any(lin.result is None for lin in self.linears):
                 fresh: set[int] = set()
+                per_chunk: list[set[int]] = [set() for _ in self.chunks]
 
                 def replay(m, a):
                     lin = self.by_module[id(m)]
@@ -203,11 +205,25 @@ class BlockQuantizer:
                     self._seen_inputs.append(x)
                     self._accumulate(lin, x)
                     fresh.add(id(lin.module))
+                    per_chunk[self._chunk].add(id(lin.module))
 
-                self._forward(replay)
+                ran_through = [o is not None for o in self._forward(replay)]
                 self.forwards += 1  # an upper bound: early exits make passes cheaper
                 if not fresh:  # linears no token reached (e.g. unrouted experts)
                     fresh = {id(lin.module) for lin in self.linears if lin.result is None}
+                else:
+                    # [arch/MoE] with routed experts, chunks may reach different linears first (a chunk
+                    # skips the experts it routes no token to). A linear's Hessian is complete only if
+                    # every chunk accumulated it, ran to the end, or went past it (accumulated a linear
+                    # registered after it: experts run in index order). Others start over next pass;
+                    # the earliest accumulated linear always completes, so this terminates.
+                    for lin in self.linears:
+                        lid = id(lin.module)
+                        if lid in fresh and not all(
+                                lid in acc or done or any(order[o] > order[lid] for o in acc)
+                                for acc, done in zip(per_chunk, ran_through)):
+                            fresh.discard(lid)
+                            lin.hessian = None
                 for lin in self.linears:
                     if id(lin.module) in fresh:
                         _solve(lin, self.zero_min)
