@@ -109,3 +109,41 @@ def test_per_block_kwargs_differ_for_gemma2(tmp_path):
     _, rest = got
     m0, m1 = rest[0][0][1]["attention_mask"], rest[1][0][1]["attention_mask"]
     assert m0 is not None and m1 is not None and not torch.equal(m0, m1)
+
+
+@pytest.mark.parametrize("case", ["gemma2", "gemma3_text", "bloom", "falcon_alibi", "gpt2"])
+def test_replayed_inputs_match_a_real_forward(case, tmp_path, monkeypatch):
+    """With RTN (weights quantized before the block runs) the hidden states the pipeline passes
+    from block to block must equal a real forward of the fake-quantized model. Three layers,
+    sliding/global/sliding for Gemma, so block 1 needs another mask (and rotary table) than
+    block 0; ALiBi for Bloom/Falcon."""
+    from transformers import CONFIG_MAPPING
+    from gptqkit.models import pipeline
+    from _arch_helpers import calib_ids, fake_quant_reference, quantize_dir
+    mt = _model_type(case)
+    if mt not in CONFIG_MAPPING:
+        pytest.skip(f"no {mt}")
+    kw = dict(CASES[case])
+    for k in ("num_hidden_layers", "n_layer"):
+        if k in kw or (k == "num_hidden_layers" and "n_layer" not in kw):
+            kw[k] = 3
+    if "layer_types" in kw:
+        kw["layer_types"] = ["sliding_attention", "full_attention", "sliding_attention"]
+    src = build_tiny(mt, tmp_path / "src", **kw)
+    outs = []
+    run = pipeline.BlockQuantizer.run
+    monkeypatch.setattr(pipeline.BlockQuantizer, "run", lambda self: outs.append(run(self)) or outs[-1])
+    ids = calib_ids(V)
+    quantize_dir(src, tmp_path / "q", ids, method="rtn")
+    ref, _ = fake_quant_reference(src, tmp_path / "q")
+    from gptqkit.models.arch import get_module, spec_for
+    seen = []
+    blocks = get_module(ref, spec_for(ref).blocks)
+    hooks = [b.register_forward_hook(lambda m, a, o: seen.append(pipeline._first(o))) for b in blocks]
+    with torch.no_grad():
+        ref(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    assert len(outs) == len(seen) == 3
+    for i in range(3):
+        torch.testing.assert_close(pipeline._first(outs[i][0]), seen[i], rtol=1e-4, atol=1e-5)
