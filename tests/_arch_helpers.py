@@ -91,17 +91,11 @@ def fake_quant_reference(src: Path, qdir: Path) -> tuple[nn.Module, int]:
         for name, (W, b) in dequantized_weights(qdir).items():
             m = _EXPERT_RX.match(name)
             if m and not isinstance(_get(ref, name), nn.Module):
-                experts = ref.get_submodule(m.group(1))  # fused: write into the 3-D parameter
+                experts = ref.get_submodule(m.group(1))  # fused: write into the 3-D parameters
                 e, proj = int(m.group(2)), m.group(3)
-                assert not getattr(experts, "is_transposed", False) and getattr(experts, "is_concatenated", True)
-                I = experts.down_proj.shape[2]
-                if proj == "down_proj":
-                    target = experts.down_proj[e]
-                elif proj == "gate_proj":
-                    target = experts.gate_up_proj[e, :I]
-                else:
-                    target = experts.gate_up_proj[e, I:] if experts.has_gate else experts.up_proj[e]
-                assert b is None
+                target, tb = _fused_slices(experts, e, proj)
+                if b is not None:
+                    tb.copy_(b)
             else:
                 mod = ref.get_submodule(name)
                 if type(mod).__name__ == "Conv1D":
@@ -114,6 +108,29 @@ def fake_quant_reference(src: Path, qdir: Path) -> tuple[nn.Module, int]:
             changed += int(not torch.equal(target, W))
             target.copy_(W)
     return ref, changed
+
+
+def _fused_slices(experts, e: int, proj: str):
+    """Views [out, in] (and [out] of the bias) of expert e's `proj` inside fused 3-D parameters,
+    for every layout transformers declares (concatenated or interleaved gate/up, transposed)."""
+    tr = getattr(experts, "is_transposed", False)
+    if proj == "down_proj":
+        pname, rows = "down_proj", slice(None)
+    else:
+        pname = "gate_up_proj" if experts.has_gate else "up_proj"
+        if experts.has_gate:
+            I = getattr(experts, pname).shape[1 if not tr else 2] // 2
+            first = proj == "gate_proj"
+            if getattr(experts, "is_concatenated", True):
+                rows = slice(0, I) if first else slice(I, 2 * I)
+            else:
+                rows = slice(0, None, 2) if first else slice(1, None, 2)
+        else:
+            rows = slice(None)
+    W = getattr(experts, pname)[e]
+    W = W.T if tr else W
+    bias = getattr(experts, f"{pname}_bias", None)
+    return W[rows], (bias[e][rows] if bias is not None else None)
 
 
 def _get(root, dotted):

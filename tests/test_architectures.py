@@ -61,6 +61,25 @@ CASES: dict[str, dict] = {
     "granite": _LL,
     "stablelm": _LL,
     "olmoe": {**_LL, "intermediate_size": 32, "num_experts": 4, "num_experts_per_tok": 2},
+    "gpt_oss": {**_LL, "head_dim": 16, "intermediate_size": 32, "num_local_experts": 4, "num_experts_per_tok": 2,
+                "sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"]},
+    "phimoe": {**_LL, "intermediate_size": 32, "num_local_experts": 4, "num_experts_per_tok": 2},
+    "granitemoe": {**_LL, "intermediate_size": 32, "num_local_experts": 4, "num_experts_per_tok": 2},
+    "cohere2": {**_LL, "sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"]},
+    "glm": {**_LL, "head_dim": 16},
+    "glm4": {**_LL, "head_dim": 16},
+    "smollm3": _LL,
+    "helium": {**_LL, "head_dim": 16},
+    "ministral": {**_LL, "head_dim": 16, "sliding_window": 4},
+    "exaone4": {**_LL, "head_dim": 16, "sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"]},
+    "seed_oss": {**_LL, "head_dim": 16},
+    "ernie4_5": {**_LL, "head_dim": 16},
+    "hunyuan_v1_dense": {**_LL, "head_dim": 16},
+    "nemotron": {**_LL, "head_dim": 16},
+    "persimmon": {**_LL, "num_key_value_heads": 4},
+    "gpt_neo": dict(vocab_size=V, hidden_size=64, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]],
+                    window_size=4, max_position_embeddings=64, **_IDS),
+    "codegen": dict(vocab_size=V, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=64, **_IDS),
     "deepseek_v2": {**_LL, **_MLA, "topk_method": "greedy"},
     "deepseek_v3": {**_LL, **_MLA},
 }
@@ -79,8 +98,11 @@ def test_architecture_roundtrip(case, tmp_path, caplog):
     src = build_tiny(mt, tmp_path / "src", **CASES[case])
     with caplog.at_level(logging.INFO, logger="gptqkit"):
         r = roundtrip(src, tmp_path / "q", V)
-    from gptqkit.models.arch import ARCHS
+    from gptqkit.models.arch import ARCHS, get_module
     assert mt in ARCHS, f"{mt} should have a registry entry"
+    spec = ARCHS[mt]  # the data is right: every module it names exists (in the float reference)
+    for path in (spec.blocks, spec.final_norm, *spec.outside):
+        assert get_module(r["ref"], path) is not None, path
     assert "not in the registry" not in caplog.text
     names = [lay.name for lay in r["report"].layers]
     # routers and gates stay in full precision

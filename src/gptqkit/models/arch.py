@@ -93,6 +93,30 @@ ARCHS: dict[str, ArchSpec] = {
     "deepseek_v2": _llama_like("DeepseekV2ForCausalLM", moe=True, notes="MLA attention, shared experts"),
     "deepseek_v3": _llama_like("DeepseekV3ForCausalLM", moe=True, notes="MLA attention, shared experts"),
     "olmoe": _llama_like("OlmoeForCausalLM", moe=True),
+    "phimoe": _llama_like("PhimoeForCausalLM", moe=True, notes="router is an nn.Linear (kept)"),
+    "granitemoe": _llama_like("GraniteMoeForCausalLM", moe=True),
+    "cohere2": _llama_like("Cohere2ForCausalLM", notes="sliding/global layers, parallel attention + MLP"),
+    "glm": _llama_like("GlmForCausalLM", notes="fused gate_up_proj"),
+    "glm4": _llama_like("Glm4ForCausalLM", notes="fused gate_up_proj, extra post-norms"),
+    "smollm3": _llama_like("SmolLM3ForCausalLM", notes="some layers without rotary (NoPE)"),
+    "helium": _llama_like("HeliumForCausalLM"),
+    "ministral": _llama_like("MinistralForCausalLM", notes="sliding window"),
+    "exaone4": _llama_like("Exaone4ForCausalLM", notes="sliding/global layers, q/k norms"),
+    "seed_oss": _llama_like("SeedOssForCausalLM"),
+    "ernie4_5": _llama_like("Ernie4_5ForCausalLM"),
+    "hunyuan_v1_dense": _llama_like("HunYuanDenseV1ForCausalLM", notes="q/k norms"),
+    "nemotron": _llama_like("NemotronForCausalLM", notes="MLP without gate (up/down only)"),
+    "persimmon": _spec("model.layers", "model.final_layernorm",
+                       ("model.embed_tokens", "model.final_layernorm", "model.rotary_emb", "lm_head"),
+                       "PersimmonForCausalLM", notes="fused query_key_value, q/k layer norms"),
+    "gpt_neo": _spec("transformer.h", "transformer.ln_f", ("transformer.wte", "transformer.wpe", "transformer.ln_f",
+                                                           "lm_head"),
+                     "GPTNeoForCausalLM", notes="local/global attention layers"),
+    "codegen": _spec("transformer.h", "transformer.ln_f", ("transformer.wte", "transformer.ln_f", "lm_head"),
+                     "CodeGenForCausalLM", notes="fused qkv_proj, parallel attention + MLP"),
+    "gpt_oss": _llama_like("GptOssForCausalLM", moe=True,
+                           notes="experts interleaved gate/up, transposed, with biases, clamped SwiGLU; "
+                                 "attention sinks; sliding/full layers"),
     "phi": _spec("model.layers", "model.final_layernorm",
                  ("model.embed_tokens", "model.final_layernorm", "model.rotary_emb", "lm_head"),
                  "PhiForCausalLM", notes="parallel attention + MLP, partial rotary"),
@@ -108,9 +132,10 @@ ARCHS: dict[str, ArchSpec] = {
     "gptj": _spec("transformer.h", "transformer.ln_f", _GPT_OUT, "GPTJForCausalLM",
                   notes="parallel attention + MLP, rotary"),
     "gpt_neox": _spec("gpt_neox.layers", "gpt_neox.final_layer_norm",
-                      ("gpt_neox.embed_in", "gpt_neox.final_layer_norm", "gpt_neox.rotary_emb", "embed_out"),
+                      ("gpt_neox.embed_in", "gpt_neox.final_layer_norm", "gpt_neox.rotary_emb", "lm_head"),
                       "GPTNeoXForCausalLM", notes="fused query_key_value"),
-    "falcon": _spec("transformer.h", "transformer.ln_f", _GPT_OUT, "FalconForCausalLM",
+    "falcon": _spec("transformer.h", "transformer.ln_f", ("transformer.word_embeddings", "transformer.ln_f",
+                                                          "lm_head"), "FalconForCausalLM",
                     notes="fused query_key_value, parallel attention"),
     "bloom": _spec("transformer.h", "transformer.ln_f", ("transformer.word_embeddings",
                                                          "transformer.word_embeddings_layernorm",
@@ -131,7 +156,8 @@ def get_module(root: nn.Module, path: str | None) -> nn.Module | None:
 
 
 def _is_linear_like(m: nn.Module) -> bool:
-    return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
+    # QuantLinear too, so an already quantized (loaded) model is discovered the same way
+    return isinstance(m, nn.Linear) or type(m).__name__ in ("Conv1D", "QuantLinear")
 
 
 def discover(model: nn.Module) -> ArchSpec:
