@@ -144,15 +144,16 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = -1
                     cur = cur[:, :end - col]
                 scale, zero = find_params(cur, bits, sym, mse, zero_min)
                 scales[col // g], zeros[col // g] = scale, zero
+            # the hot loop: few, fused ops per column (Python dispatch dominates small layers)
             w = W1[:, i]
-            d = Hinv1[i, i]
             q = quantize(w, scale, zero, maxq)
             Q[:, col] = q
-            wq = scale * (q - zero)
-            loss += ((w - wq) ** 2).sum() / d ** 2 / 2
-            err = (w - wq) / d
-            W1[:, i:] -= err[:, None] @ Hinv1[i, i:][None, :]
-            Err1[:, i] = err
+            err = Err1[:, i]
+            torch.sub(w, scale * (q - zero), out=err)
+            err.div_(Hinv1[i, i])
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
+        # (w − ŵ)²/d² summed over the block's columns = Σ err², the reference's loss
+        loss += Err1.pow(2).sum() / 2
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
     if static is not None:
