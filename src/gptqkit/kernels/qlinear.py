@@ -102,6 +102,15 @@ class QuantLinear(nn.Module):
         self.compute_dtype = dtype
         self.backend: Backend | None = None
 
+    # AutoGPTQ's spelling; PEFT reads these to size LoRA adapters on a QuantLinear
+    @property
+    def infeatures(self) -> int:
+        return self.in_features
+
+    @property
+    def outfeatures(self) -> int:
+        return self.out_features
+
     def describe(self) -> str:
         return f"QuantLinear(K={self.in_features}, N={self.out_features}, bits={self.bits}, g={self.group_size})"
 
@@ -127,6 +136,14 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend is None or self._prepared_on != self.qweight.device:  # new or moved
             self.post_init(getattr(self, "requested_backend", None))
+        if x.requires_grad and torch.is_grad_enabled() and self.backend.name != "torch":
+            # training adapters on top (PEFT/LoRA): gradients must flow to x; the packed weights are
+            # buffers and stay frozen. Fused kernels have no backward, the torch reference does.
+            if getattr(self, "_grad_backend", None) is None or self._grad_prepared_on != self.qweight.device:
+                self._grad_backend = _REGISTRY["torch"]()
+                self._grad_backend.prepare(self)
+                self._grad_prepared_on = self.qweight.device
+            return self._grad_backend.forward(self, x)
         return self.backend.forward(self, x)
 
     def extra_repr(self) -> str:

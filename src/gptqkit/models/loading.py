@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import types
 from pathlib import Path
 
 import torch
@@ -117,4 +118,35 @@ def load_quantized(path: str | Path, *, backend: str | None = None, device: str 
     log.info("loaded %s: %d quantized layers, backends %s", path, len(qnames), chosen)
     model.eval()
     model.quantize_config = qcfg
+    # what transformers' save_pretrained writes into config.json, so a re-saved model is a GPTQ checkpoint
+    model.config.quantization_config = qcfg.to_dict()
+    model._gptqkit_source = path
+    model.save = types.MethodType(save_quantized, model)
     return model
+
+
+_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+               "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "quant_log.json",
+               "quant_log.csv")
+
+
+def save_quantized(model: nn.Module, out: str | Path, tokenizer=None, max_shard_size: str = "4GB") -> Path:
+    """Write a loaded gptqkit model as a GPTQ checkpoint (`model.save(dir)`): the QuantLinear buffers are
+    the checkpoint tensors; config.json carries quantization_config and quantize_config.json is written
+    too. Tokenizer and quant_log files are copied from the folder it was loaded from unless `tokenizer`
+    is given."""
+    import shutil
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    qcfg: QuantizeConfig = model.quantize_config
+    model.config.quantization_config = qcfg.to_dict()
+    model.save_pretrained(out, safe_serialization=True, max_shard_size=max_shard_size)
+    qcfg.save(out)
+    src = getattr(model, "_gptqkit_source", None)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    if src is not None and Path(src).resolve() != out.resolve():
+        for name in _SIDE_FILES:
+            if (Path(src) / name).is_file() and (tokenizer is None or not name.startswith(("tokenizer", "special"))):
+                shutil.copy(Path(src) / name, out / name)
+    return out
