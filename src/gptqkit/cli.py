@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import GPTQKitError
+from .errors import GPTQKitError, InterruptedRunError
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
@@ -72,7 +72,8 @@ def cmd_quantize(a) -> int:
         del fp
     t0 = time.perf_counter()
     rep = quantize(model_path, a.calib, out, cfg, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
-                   batch_size=a.batch_size, overwrite=a.overwrite, dtype=_dtype(a.dtype), progress=not a.json)
+                   batch_size=a.batch_size, overwrite=a.overwrite, dtype=_dtype(a.dtype), progress=not a.json,
+                   resume=a.resume)
     result["quantize_seconds"] = round(time.perf_counter() - t0, 2)
     result["block_forwards"] = rep.forwards
     result["calib_tokens"] = rep.calib_tokens
@@ -210,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     q.add_argument("--out", default=None)
     q.add_argument("--overwrite", action="store_true")
+    q.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from <out>.partial (same command and inputs)")
     q.add_argument("--eval-text", default="shakespeare-eval",
                    help="text for perplexity before/after ('' to skip)")
     q.add_argument("--no-eval", action="store_true")
@@ -252,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return a.func(a)
+    except InterruptedRunError as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        return 130
     except GPTQKitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

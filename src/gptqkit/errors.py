@@ -27,3 +27,17 @@ class NumericalError(GPTQKitError, FloatingPointError):
 
 class BackendError(GPTQKitError):
     """A kernel backend was asked for that cannot run this layer on this device."""
+
+
+class DiskFullError(CheckpointError, OSError):
+    """Writing the output ran out of disk space (or hit another OS write error)."""
+
+
+class ResumeError(CheckpointError):
+    """`resume` was asked for, but the unfinished run on disk belongs to different inputs."""
+
+
+class InterruptedRunError(GPTQKitError, KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) during quantization; the finished blocks are kept for `resume`.
+
+    Also a KeyboardInterrupt, so code that lets Ctrl-C through keeps doing so."""

@@ -4,17 +4,18 @@ solved layer. Safetensors only: pickled checkpoints are refused, never loaded.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, DiskFullError
 from .packing import pack_qweight, pack_qzeros
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -82,8 +83,7 @@ class ShardWriter:
         try:
             save_file(self.pending, str(self.tmp / name), metadata={"format": "pt"})
         except OSError as e:  # disk full and friends: nothing at `out` was touched
-            raise CheckpointError(f"writing {self.tmp / name} failed ({e}); free disk space and "
-                                  "run again (finished work in the partial folder is not used)") from e
+            raise write_error(self.tmp / name, e) from e
         self.shards.append((name, list(self.pending)))
         self.pending, self.pending_bytes = {}, 0
 
@@ -186,3 +186,146 @@ class TensorSource:
         except Exception as e:
             raise CheckpointError(f"reading {name!r} from {self.where[name]} failed ({e}); "
                                   "the file is truncated or corrupted") from e
+
+
+# ---------------------------------------------------------------- streaming safetensors files
+# The pipeline writes each finished block to its own file and assembles the final shards by
+# copying bytes, so memory never holds more than one tensor of the output and the shard layout
+# does not depend on where a run was interrupted. Files follow the safetensors format exactly
+# (8-byte little-endian header length, JSON header padded with spaces to 8 bytes, raw data);
+# tensors are laid out by decreasing element size, then name, so every tensor is aligned.
+
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+              torch.uint8: "U8", torch.bool: "BOOL"}
+_COPY_CHUNK = 16 << 20
+
+
+def write_error(path: Path, e: OSError) -> CheckpointError:
+    if getattr(e, "errno", None) == errno.ENOSPC:
+        return DiskFullError(f"disk full while writing {path} ({e}); free space, then run the same command "
+                             "with --resume (resume=True): finished blocks are kept in the .partial folder")
+    return CheckpointError(f"writing {path} failed ({e}); fix the cause, then run again with --resume")
+
+
+def _open_for_write(path: Path):
+    """Opened here so tests can simulate a full disk."""
+    return open(path, "wb")
+
+
+def _layout(items: list[tuple[str, tuple[str, list[int], int]]]) -> list[tuple[str, tuple[str, list[int], int]]]:
+    size = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2}
+    return sorted(items, key=lambda kv: (-size.get(kv[1][0], 1), kv[0]))
+
+
+def _header_bytes(items, metadata: dict[str, str] | None) -> bytes:
+    head: dict = {}
+    if metadata:
+        head["__metadata__"] = dict(metadata)
+    off = 0
+    for name, (dt, shape, nbytes) in items:
+        head[name] = {"dtype": dt, "shape": list(shape), "data_offsets": [off, off + nbytes]}
+        off += nbytes
+    h = json.dumps(head, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)
+    return len(h).to_bytes(8, "little") + h
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                      fsync: bool = True) -> None:
+    """Write a safetensors file atomically (temporary name, fsync, rename); one tensor in flight."""
+    path = Path(path)
+    meta = {}
+    for k, t in tensors.items():
+        if t.dtype not in _ST_DTYPES:
+            raise CheckpointError(f"tensor {k!r} has dtype {t.dtype}, which safetensors cannot store")
+        meta[k] = (_ST_DTYPES[t.dtype], list(t.shape), t.numel() * t.element_size())
+    items = _layout(list(meta.items()))
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with _open_for_write(tmp) as f:
+            f.write(_header_bytes(items, metadata or {"format": "pt"}))
+            for k, _ in items:
+                t = tensors[k].detach().cpu().contiguous()
+                if t.numel():
+                    f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, e) from e
+
+
+def read_header(path: str | Path) -> tuple[dict, int]:
+    """(header dict, byte offset of the data) of a safetensors file, validated."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 0 or n > 100 << 20:
+                raise ValueError(f"header length {n}")
+            head = json.loads(f.read(n))
+        size = path.stat().st_size
+        end = max((v["data_offsets"][1] for k, v in head.items() if k != "__metadata__"), default=0)
+        if 8 + n + end > size:
+            raise ValueError(f"data ends at {8 + n + end} but the file has {size} bytes")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path} is truncated or corrupted ({e}); delete it and run again") from e
+    return head, 8 + n
+
+
+def assemble_shards(sources: Iterable[Path], folder: Path, max_shard_bytes: int) -> list[str]:
+    """Copy every tensor of `sources` (safetensors files, read in order; within a file in the
+    order its metadata "order" lists, else name order) into shards of at most `max_shard_bytes`
+    inside `folder`, named and indexed like ShardWriter's. Returns the shard file names."""
+    plan: list[list[tuple[str, Path, dict, int]]] = [[]]
+    size = 0
+    total = 0
+    for src in sources:
+        head, data = read_header(src)
+        order = json.loads((head.get("__metadata__") or {}).get("order", "null")) or sorted(
+            k for k in head if k != "__metadata__")
+        for k in order:
+            e = head[k]
+            nbytes = e["data_offsets"][1] - e["data_offsets"][0]
+            if plan[-1] and size + nbytes > max_shard_bytes:
+                plan.append([])
+                size = 0
+            plan[-1].append((k, src, e, data))
+            size += nbytes
+            total += nbytes
+    plan = [p for p in plan if p]
+    n = len(plan)
+    names = [SINGLE_FILE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    weight_map: dict[str, str] = {}
+    for name, entries in zip(names, plan):
+        items = _layout([(k, (e["dtype"], e["shape"], e["data_offsets"][1] - e["data_offsets"][0]))
+                         for k, _, e, _ in entries])
+        where = {k: (src, e, data) for k, src, e, data in entries}
+        dest = folder / name
+        try:
+            with _open_for_write(dest) as f:
+                f.write(_header_bytes(items, {"format": "pt"}))
+                for k, _ in items:
+                    src, e, data = where[k]
+                    a, b = e["data_offsets"]
+                    with open(src, "rb") as r:
+                        r.seek(data + a)
+                        left = b - a
+                        while left:
+                            buf = r.read(min(left, _COPY_CHUNK))
+                            if not buf:
+                                raise CheckpointError(f"{src} is truncated; run again with --resume")
+                            f.write(buf)
+                            left -= len(buf)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise write_error(dest, e) from e
+        weight_map.update({k: name for k, *_ in entries})
+    if n > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return names

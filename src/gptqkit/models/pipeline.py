@@ -30,11 +30,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import QuantizeConfig
-from ..errors import ConfigError, NumericalError
-from ..formats.checkpoint import ShardWriter, gptq_tensors
+from ..errors import ConfigError, InterruptedRunError, NumericalError
+from ..formats.checkpoint import gptq_tensors
 from ..quant.gptq import Hessian, gptq_solve
 from ..quant.result import QuantResult
 from ..quant.rtn import rtn_solve
+from .resume import RunDir, fault_hook, fingerprint
 from .arch import ArchSpec, block_linears, get_module, prepare_block, spec_for
 from .source import ModelHandle
 
@@ -155,6 +156,10 @@ class BlockQuantizer:
             if seen is x:
                 lin.hessian = h
                 return
+        if not torch.isfinite(x).all():
+            raise NumericalError(f"the inputs of {lin.name} contain NaN/Inf (activations of the earlier layers "
+                                 "overflowed or the source weights are damaged); try dtype float32 or check "
+                                 "the source checkpoint")
         if lin.hessian is None:
             lin.hessian = Hessian(x.shape[-1], device=x.device)
         self._shared.append((x, lin.hessian))
@@ -332,13 +337,26 @@ def check_layers_fit(block: nn.Module, spec: ArchSpec, config: QuantizeConfig, p
                               f"{{'-:{n}': {{}}}} or pick other bits")
 
 
+class _Tensors(dict):
+    """An ordered name -> tensor collection with ShardWriter's add/add_all."""
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        self[name] = tensor.detach().cpu().contiguous()
+
+    def add_all(self, prefix: str, tensors: dict[str, torch.Tensor]) -> None:
+        for k, v in tensors.items():
+            self.add(f"{prefix}.{k}" if prefix else k, v)
+
+
 def quantize_model(handle: ModelHandle, input_ids: torch.Tensor, config: QuantizeConfig, out: str | Path, *,
                    attention_mask: torch.Tensor | None = None, tokenizer=None, batch_size: int | None = None,
-                   overwrite: bool = False, max_shard_bytes: int = 2 << 30, progress: bool = True
-                   ) -> QuantizeReport:
+                   overwrite: bool = False, max_shard_bytes: int = 2 << 30, progress: bool = True,
+                   resume: bool = False) -> QuantizeReport:
     """Quantize `handle`'s model on calibration `input_ids` [n, L] and write a checkpoint at `out`.
 
     batch_size: sequences per forward chunk; None puts all of them in one chunk (least work).
+    resume: continue the unfinished run in `<out>.partial` (see models/resume.py); the result is
+    byte-identical to an uninterrupted run. Ctrl-C raises InterruptedRunError and keeps that folder.
     """
     t_start = time.perf_counter()
     model = handle.model
@@ -353,82 +371,117 @@ def quantize_model(handle: ModelHandle, input_ids: torch.Tensor, config: Quantiz
     for i, blk in enumerate(blocks[:1]):
         check_layers_fit(blk, spec, config, f"{spec.blocks}.{i}")
 
-    writer = ShardWriter(out, max_shard_bytes=max_shard_bytes, overwrite=overwrite)
-    report = QuantizeReport(out=str(out), calib_tokens=int(attention_mask.sum()) if attention_mask is not None
-                            else input_ids.numel())
-    handle.materialize_outside(spec.blocks)
-    dev = handle.device
-    input_ids = input_ids.to(dev)
-    attention_mask = attention_mask.to(dev) if attention_mask is not None else None
-    # [arch] record what each block receives (per-layer masks / rotary tables differ by layer type)
-    per_block = capture_per_block_inputs(model, blocks, input_ids, attention_mask, chunk)
-    if per_block is not None:
-        chunks, block_rest = per_block
-    else:
-        chunks, block_rest = capture_block_inputs(model, blocks, input_ids, attention_mask, chunk), None
-    masks = [attention_mask[s:s + chunk].bool() if attention_mask is not None else None
-             for s in range(0, nseq, chunk)]
-    written: set[str] = set()
+    fp = fingerprint(handle.path, list(set(handle.source.where.values())), config.to_dict(), input_ids,
+                     attention_mask, chunk=chunk, dtype=str(handle.dtype), max_shard_bytes=max_shard_bytes,
+                     lm_head=config.lm_head)
+    run = RunDir(out, fp, overwrite=overwrite, resume=resume, max_shard_bytes=max_shard_bytes)
+    start = run.next_block
+    i = start
+    try:
+        report = QuantizeReport(out=str(out), calib_tokens=int(attention_mask.sum()) if attention_mask is not None
+                                else input_ids.numel())
+        report.layers = [LayerLog(**d) for d in run.saved("layers", [])]
+        report.forwards = run.saved("forwards", 0)
+        prior_seconds = run.saved("seconds", 0.0)
+        handle.materialize_outside(spec.blocks)
+        dev = handle.device
+        input_ids = input_ids.to(dev)
+        attention_mask = attention_mask.to(dev) if attention_mask is not None else None
+        # [arch] record what each block receives (per-layer masks / rotary tables differ by layer type)
+        per_block = capture_per_block_inputs(model, blocks, input_ids, attention_mask, chunk)
+        if per_block is not None:
+            chunks, block_rest = per_block
+        else:
+            chunks, block_rest = capture_block_inputs(model, blocks, input_ids, attention_mask, chunk), None
+        if start:  # the hidden states the interrupted run had reached
+            chunks = [((run.load_hidden(start, c).to(dev),) + tuple(args[1:]), kw)
+                      for c, (args, kw) in enumerate(chunks)]
+        masks = [attention_mask[s:s + chunk].bool() if attention_mask is not None else None
+                 for s in range(0, nseq, chunk)]
+        written: set[str] = set()
 
-    bar = tqdm(range(len(blocks)), desc="quantizing blocks", disable=not progress)
-    with torch.no_grad():
-        for i in bar:
-            prefix = f"{spec.blocks}.{i}"
-            handle.materialize(prefix)
-            block = blocks[i]
-            if block_rest is not None:  # [arch] this block's own kwargs (and extra positional args)
-                chunks = [((args[0],) + tuple(rest), kw) for (args, _), (rest, kw) in zip(chunks, block_rest[i])]
-            # [arch] unfuse 3-D MoE experts into per-expert Linears, Conv1D -> Linear
-            written.update(prepare_block(block, spec, lambda n: config.for_module(f"{prefix}.{n}") is not None,
-                                         prefix))
-            check_layers_fit(block, spec, config, prefix)
-            lins = []
-            for n, m in block_linears(block, spec).items():
-                cfg = config.for_module(f"{prefix}.{n}")
-                if cfg is not None:
-                    lins.append(_Linear(f"{prefix}.{n}", m, cfg))
-            bq = BlockQuantizer(block, lins, chunks, masks, zero_min, config.true_sequential)
-            outs = bq.run()
-            report.forwards += bq.forwards
-            for (args, kwargs), o in zip(chunks, outs):
-                h = _first(o)
-                if not torch.isfinite(h).all():
-                    raise NumericalError(f"activations after {prefix} contain NaN/Inf; try a higher-precision "
-                                         "compute dtype (float32) or check the source weights")
-            chunks = [((_first(o),) + tuple(args[1:]), kwargs) for (args, kwargs), o in zip(chunks, outs)]
-            # write: GPTQ tensors of the solved linears, originals for everything else in the block
-            for lin in lins:
-                bias = lin.module.bias
-                writer.add_all(lin.name, gptq_tensors(lin.result, lin.cfg.bits, config.checkpoint_format, bias))
-                written.update({f"{lin.name}.weight", f"{lin.name}.bias"})
-                report.layers.append(LayerLog(lin.name, lin.cfg.bits, lin.cfg.group_size, lin.result.method,
-                                              lin.result.loss, lin.result.damp, lin.tokens,
-                                              round(lin.seconds, 4)))
-            _write_originals(handle, writer, prefix, written)
-            handle.release(prefix)
-            bar.set_postfix(loss=f"{sum(l.result.loss for l in lins) / max(1, len(lins)):.3g}")
+        bar = tqdm(range(start, len(blocks)), desc="quantizing blocks", disable=not progress,
+                   initial=start, total=len(blocks))
+        with torch.no_grad():
+            for i in bar:
+                prefix = f"{spec.blocks}.{i}"
+                handle.materialize(prefix)
+                block = blocks[i]
+                if block_rest is not None:  # [arch] this block's own kwargs (and extra positional args)
+                    chunks = [((args[0],) + tuple(rest), kw) for (args, _), (rest, kw) in zip(chunks, block_rest[i])]
+                # [arch] unfuse 3-D MoE experts into per-expert Linears, Conv1D -> Linear
+                written.update(prepare_block(block, spec, lambda n: config.for_module(f"{prefix}.{n}") is not None,
+                                             prefix))
+                check_layers_fit(block, spec, config, prefix)
+                lins = []
+                for n, m in block_linears(block, spec).items():
+                    cfg = config.for_module(f"{prefix}.{n}")
+                    if cfg is not None:
+                        lins.append(_Linear(f"{prefix}.{n}", m, cfg))
+                bq = BlockQuantizer(block, lins, chunks, masks, zero_min, config.true_sequential)
+                outs = bq.run()
+                report.forwards += bq.forwards
+                for (args, kwargs), o in zip(chunks, outs):
+                    h = _first(o)
+                    if not torch.isfinite(h).all():
+                        raise NumericalError(f"activations after {prefix} contain NaN/Inf; try a higher-precision "
+                                             "compute dtype (float32) or check the source weights")
+                chunks = [((_first(o),) + tuple(args[1:]), kwargs) for (args, kwargs), o in zip(chunks, outs)]
+                del outs
+                fault_hook("solved", i)
+                # write: GPTQ tensors of the solved linears, originals for everything else in the block
+                tensors = _Tensors()
+                for lin in lins:
+                    bias = lin.module.bias
+                    tensors.add_all(lin.name, gptq_tensors(lin.result, lin.cfg.bits, config.checkpoint_format, bias))
+                    written.update({f"{lin.name}.weight", f"{lin.name}.bias"})
+                    report.layers.append(LayerLog(lin.name, lin.cfg.bits, lin.cfg.group_size, lin.result.method,
+                                                  lin.result.loss, lin.result.damp, lin.tokens,
+                                                  round(lin.seconds, 4)))
+                _write_originals(handle, tensors, prefix, written)
+                run.write_block(i, tensors)
+                for c, (args, _) in enumerate(chunks):
+                    run.write_hidden(i + 1, c, args[0])
+                fault_hook("written", i)
+                run.commit(i + 1, layers=[asdict(x) for x in report.layers], forwards=report.forwards,
+                           seconds=prior_seconds + time.perf_counter() - t_start)
+                fault_hook("committed", i)
+                del tensors
+                handle.release(prefix)
+                bar.set_postfix(loss=f"{sum(l.result.loss for l in lins) / max(1, len(lins)):.3g}")
 
-        if config.lm_head:
-            _quantize_lm_head(handle, spec, chunks, masks, config, zero_min, writer, written, report)
-    _write_originals(handle, writer, "", written)
+            outside = _Tensors()
+            if config.lm_head:
+                _quantize_lm_head(handle, spec, chunks, masks, config, zero_min, outside, written, report)
+        _write_originals(handle, outside, "", written, skip_prefix=spec.blocks + ".")
 
-    report.seconds = time.perf_counter() - t_start
-    _write_side_files(handle, writer.directory, config, tokenizer, report)
-    writer.finalize()
+        report.seconds = prior_seconds + time.perf_counter() - t_start
+        _write_side_files(handle, run.directory, config, tokenizer, report)
+        run.finalize(len(blocks), outside)
+    except KeyboardInterrupt as e:
+        raise InterruptedRunError(
+            f"interrupted in block {i}; the {run.next_block} finished block(s) are kept in {run.directory}. "
+            "Run the same command with --resume (resume=True) to continue") from e
     return report
 
 
-def _write_originals(handle: ModelHandle, writer: ShardWriter, prefix: str, written: set[str]) -> None:
-    """Write the not-quantized tensors under `prefix` ('' = all remaining) in their stored dtype."""
+def _write_originals(handle: ModelHandle, writer, prefix: str, written: set[str], skip_prefix: str | None = None
+                     ) -> None:
+    """Write the not-quantized tensors under `prefix` ('' = all remaining, except those under
+    `skip_prefix`) in their stored dtype."""
     if handle.streaming:
         names = handle.keys_under(prefix) if prefix else list(handle.source.keys())
         for k in names:
+            if skip_prefix and k.startswith(skip_prefix):
+                continue
             if k not in written:
                 writer.add(k, handle.original(k))
                 written.add(k)
     else:
         sd = handle.model.state_dict()
         for k, v in sd.items():
+            if skip_prefix and k.startswith(skip_prefix):
+                continue
             if (not prefix or k.startswith(prefix + ".")) and k not in written and v.device.type != "meta":
                 if prefix == "" and _is_tied_copy(handle.model, k):
                     continue
