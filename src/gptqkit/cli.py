@@ -82,6 +82,12 @@ def cmd_quantize(a) -> int:
     if a.eval_text and not a.no_eval:
         qm = load(out, backend=a.backend)
         result["ppl_after"] = _eval_ppl(qm, tok, a.eval_text, a.eval_seqlen, a.max_windows, not a.json)
+        (out / "eval.json").write_text(json.dumps({"text": a.eval_text, "seqlen": a.eval_seqlen, **{
+            k: result[k] for k in ("ppl_before", "ppl_after")}}, indent=2) + "\n")  # for report / model card
+    if a.push_to_hub:
+        from .hub import push_to_hub
+        base = None if Path(str(model_path)).exists() else str(model_path)  # a hub id names the base model
+        result["pushed"] = str(push_to_hub(out, a.push_to_hub, base_model=base, private=a.private))
     result["peak_rss_mb"] = round(_peak_rss_mb(), 1)
     if a.json:
         print(json.dumps(result, indent=2))
@@ -98,6 +104,14 @@ def cmd_quantize(a) -> int:
 
 def cmd_eval(a) -> int:
     model, tok = _load_any(a.model, a.backend, a.device)
+    if a.tasks:  # lm-evaluation-harness tasks (optional package lm_eval)
+        from .eval.harness import run_tasks
+        r = run_tasks(model, tok, a.tasks.split(","), include_path=a.include_path, limit=a.limit,
+                      batch_size=a.batch_size, num_fewshot=a.num_fewshot)
+        print(json.dumps(r, indent=2, default=str) if a.json else "\n".join(
+            f"{t}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float))
+            for t, m in r["results"].items()))
+        return 0
     r = _eval_ppl(model, tok, a.text, a.seqlen, a.max_windows, not a.json)
     r["model"] = a.model
     print(json.dumps(r, indent=2) if a.json else f"perplexity {r['perplexity']:.4f} over {r['tokens']} tokens "
@@ -182,6 +196,16 @@ def cmd_inspect(a) -> int:
     return 0
 
 
+def cmd_report(a) -> int:
+    from .report import write_report
+    if not Path(a.dir, "quant_log.json").is_file():
+        print(f"error: {a.dir} has no quant_log.json; point at a checkpoint written by gptqkit quantize",
+              file=sys.stderr)
+        return 2
+    print(write_report(a.dir, a.out))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gptqkit", description="GPTQ quantization for Hugging Face causal LMs")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -220,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-windows", type=int, default=40)
     q.add_argument("--backend", default=None)
     q.add_argument("--json", action="store_true")
+    q.add_argument("--push-to-hub", metavar="REPO", default=None,
+                   help="upload the checkpoint (with a model card README.md) to this Hugging Face repo")
+    q.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     q.set_defaults(func=cmd_quantize)
 
     e = sub.add_parser("eval", help="perplexity of a model or quantized checkpoint")
@@ -230,6 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--backend", default=None)
     e.add_argument("--device", default="cpu")
     e.add_argument("--json", action="store_true")
+    e.add_argument("--tasks", default=None, help="comma-separated lm-evaluation-harness tasks (needs lm_eval)")
+    e.add_argument("--include-path", default=None, help="folder of extra lm_eval task YAML files")
+    e.add_argument("--limit", type=float, default=None, help="lm_eval: examples per task (or fraction)")
+    e.add_argument("--num-fewshot", type=int, default=None)
+    e.add_argument("--batch-size", type=int, default=1)
     e.set_defaults(func=cmd_eval)
 
     gen = sub.add_parser("generate", help="generate text from a checkpoint")
@@ -246,6 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("dir")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_inspect)
+
+    r = sub.add_parser("report", help="render a checkpoint's per-layer log as a self-contained HTML page")
+    r.add_argument("dir")
+    r.add_argument("--out", default=None, help="HTML file (default DIR/report.html)")
+    r.set_defaults(func=cmd_report)
     return p
 
 
