@@ -8,15 +8,19 @@ import pytest
 import torch
 
 from _arch_helpers import one_thread  # noqa: F401  (autouse: 1 torch thread)
-from conftest import TINY_TEXT
+
+def _one_text(tiny_text_file) -> str:
+    """One repeat (~470 chars) of the shared tiny corpus (tests/conftest.py's tiny_text_file)."""
+    return tiny_text_file.read_text().split("\n")[0] + "\n"
 
 
-def test_gptqmodel_readme_flow(tiny_llama_dir, tmp_path):
+
+def test_gptqmodel_readme_flow(tiny_text_file, tiny_llama_dir, tmp_path):
     from gptqkit.compat.gptqmodel import GPTQModel, QuantizeConfig
 
     model_id = str(tiny_llama_dir)
     quant_path = tmp_path / "tiny-gptqmodel-4bit"
-    calibration_dataset = [s.strip() + "." for s in TINY_TEXT.split(".") if s.strip()] * 3
+    calibration_dataset = [s.strip() + "." for s in _one_text(tiny_text_file).split(".") if s.strip()] * 3
 
     quant_config = QuantizeConfig(bits=4, group_size=32)
     model = GPTQModel.load(model_id, quant_config)
@@ -50,12 +54,12 @@ def test_gptqmodel_load_float_without_config_says_what_to_do(tiny_llama_dir):
         GPTQModel.load(str(tiny_llama_dir))
 
 
-def test_gptqmodel_save_of_loaded_model_roundtrips(tiny_llama_dir, tmp_path):
+def test_gptqmodel_save_of_loaded_model_roundtrips(tiny_text_file, tiny_llama_dir, tmp_path):
     """save() of a model loaded from a checkpoint writes a checkpoint gptqkit.load reads back."""
     import gptqkit
     from gptqkit.compat.gptqmodel import GPTQModel, QuantizeConfig
     m = GPTQModel.load(str(tiny_llama_dir), QuantizeConfig(bits=3, group_size=32))
-    m.quantize([TINY_TEXT] * 2)
+    m.quantize([_one_text(tiny_text_file)] * 2)
     m.save(tmp_path / "a")
     loaded = GPTQModel.load(tmp_path / "a", device="cpu", backend="torch")
     loaded.save(tmp_path / "b")

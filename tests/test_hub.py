@@ -7,14 +7,18 @@ from unittest import mock
 import pytest
 
 from _arch_helpers import one_thread  # noqa: F401  (autouse: 1 torch thread)
-from conftest import tiny_text
+
+def _one_text(tiny_text_file) -> str:
+    """One repeat (~470 chars) of the shared tiny corpus (tests/conftest.py's tiny_text_file)."""
+    return tiny_text_file.read_text().split("\n")[0] + "\n"
+
 
 
 @pytest.fixture(scope="module")
-def qdir(tiny_llama_dir, tmp_path_factory):
+def qdir(tiny_text_file, tiny_llama_dir, tmp_path_factory):
     import gptqkit
     out = tmp_path_factory.mktemp("hub") / "tiny-gptq-4bit"
-    gptqkit.quantize(tiny_llama_dir, [tiny_text(1)] * 4, out, gptqkit.QuantizeConfig(bits=4, group_size=32),
+    gptqkit.quantize(tiny_llama_dir, [_one_text(tiny_text_file)] * 4, out, gptqkit.QuantizeConfig(bits=4, group_size=32),
                      nsamples=4, seqlen=64, progress=False)
     return out
 

@@ -6,16 +6,20 @@ import pytest
 import torch
 
 from _arch_helpers import one_thread  # noqa: F401  (autouse: 1 torch thread)
-from conftest import tiny_text
 
 peft = pytest.importorskip("peft")
 
+def _one_text(tiny_text_file) -> str:
+    """One repeat (~470 chars) of the shared tiny corpus (tests/conftest.py's tiny_text_file)."""
+    return tiny_text_file.read_text().split("\n")[0] + "\n"
+
+
 
 @pytest.fixture(scope="module")
-def qdir(tiny_llama_dir, tmp_path_factory):
+def qdir(tiny_text_file, tiny_llama_dir, tmp_path_factory):
     import gptqkit
     out = tmp_path_factory.mktemp("peft") / "q4"
-    gptqkit.quantize(tiny_llama_dir, [tiny_text(1)] * 4, out, gptqkit.QuantizeConfig(bits=4, group_size=32),
+    gptqkit.quantize(tiny_llama_dir, [_one_text(tiny_text_file)] * 4, out, gptqkit.QuantizeConfig(bits=4, group_size=32),
                      nsamples=4, seqlen=64, progress=False)
     return out
 
@@ -36,7 +40,7 @@ def test_quantlinear_backward_reaches_input_only(qdir):
         torch.testing.assert_close(ql(x), y.detach(), rtol=1e-4, atol=1e-4)
 
 
-def test_lora_trains_on_quantized_model_and_reloads(qdir, tiny_llama_dir, tmp_path):
+def test_lora_trains_on_quantized_model_and_reloads(tiny_text_file, qdir, tiny_llama_dir, tmp_path):
     from peft import get_peft_model
 
     import gptqkit
@@ -53,7 +57,7 @@ def test_lora_trains_on_quantized_model_and_reloads(qdir, tiny_llama_dir, tmp_pa
     trainable = [n for n, p in pm.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
 
-    ids = tok(tiny_text(1)[:200], return_tensors="pt")["input_ids"]
+    ids = tok(_one_text(tiny_text_file)[:200], return_tensors="pt")["input_ids"]
     batch = ids.view(1, -1)
     opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
     pm.train()

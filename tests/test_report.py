@@ -11,16 +11,20 @@ import subprocess
 import pytest
 
 from _arch_helpers import one_thread  # noqa: F401  (autouse: 1 torch thread)
-from conftest import tiny_text
+
+def _one_text(tiny_text_file) -> str:
+    """One repeat (~470 chars) of the shared tiny corpus (tests/conftest.py's tiny_text_file)."""
+    return tiny_text_file.read_text().split("\n")[0] + "\n"
+
 
 
 @pytest.fixture(scope="module")
-def qdir(tiny_llama_factory, tmp_path_factory):
+def qdir(tiny_text_file, tiny_llama_factory, tmp_path_factory):
     import gptqkit
     base = tmp_path_factory.mktemp("report")
     src = tiny_llama_factory(base / "src", num_hidden_layers=3)
     out = base / "q4"
-    gptqkit.quantize(src, [tiny_text(1)] * 4, out, gptqkit.QuantizeConfig(bits=4, group_size=32),
+    gptqkit.quantize(src, [_one_text(tiny_text_file)] * 4, out, gptqkit.QuantizeConfig(bits=4, group_size=32),
                      nsamples=4, seqlen=64, progress=False)
     (out / "eval.json").write_text(json.dumps({"text": "shakespeare-eval", "ppl_before": {"perplexity": 12.5},
                                                "ppl_after": {"perplexity": 12.9}}))
