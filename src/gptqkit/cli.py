@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -64,7 +65,9 @@ def cmd_quantize(a) -> int:
                + ("-act" if cfg.desc_act else "") + ("-rtn" if cfg.method == "rtn" else ""))
     result: dict = {"model": str(model_path), "out": str(out), "config": cfg.to_dict()}
     tok = None
-    if a.eval_text and not a.no_eval:
+    # under torchrun every process quantizes its share; only rank 0 evaluates and prints
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    if a.eval_text and not a.no_eval and rank0:
         from transformers import AutoModelForCausalLM
         tok = load_tokenizer(model_path)
         fp = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
@@ -74,6 +77,8 @@ def cmd_quantize(a) -> int:
     rep = quantize(model_path, a.calib, out, cfg, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
                    batch_size=a.batch_size, overwrite=a.overwrite, dtype=_dtype(a.dtype), progress=not a.json,
                    resume=a.resume)
+    if not rank0:
+        return 0
     result["quantize_seconds"] = round(time.perf_counter() - t0, 2)
     result["block_forwards"] = rep.forwards
     result["calib_tokens"] = rep.calib_tokens

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed as D
 from ..config import QuantizeConfig
 from ..errors import ConfigError, InterruptedRunError, NumericalError
 from ..formats.checkpoint import gptq_tensors
@@ -121,8 +122,66 @@ def _solve(lin: _Linear, zero_min: int) -> None:
     lin.seconds += time.perf_counter() - t0
 
 
+def _reduce_hessian(lin: _Linear) -> None:
+    """[distributed] Replace lin's Hessian by the one over every rank's tokens (Σ n·H / Σ n)."""
+    K = lin.module.in_features
+    h = lin.hessian
+    buf = torch.zeros(K * K + 1, dtype=torch.float64)
+    if h is not None and h.n:
+        buf[:-1] = (h.H.double().cpu() * h.n).reshape(-1)
+        buf[-1] = h.n
+    tot = D.all_sum(buf)
+    n = int(tot[-1].item())
+    new = Hessian(K, device=lin.module.weight.device)
+    if n:
+        new.H = (tot[:-1].reshape(K, K) / n).to(new.H)
+        new.n = n
+    lin.hessian = new
+
+
+def solve_linears(lins: list[_Linear], zero_min: int) -> None:
+    """Solve `lins`. Under torch.distributed: Hessians summed over ranks, linear j solved on rank
+    j % world, its codes/scales/zeros/g_idx broadcast, and every rank swaps in the same weight."""
+    if not D.active():
+        for lin in lins:
+            _solve(lin, zero_min)
+        return
+    for lin in lins:  # the same check on every rank, before any rank waits for another
+        if not torch.isfinite(lin.module.weight.data).all():
+            raise NumericalError(f"weights of {lin.name} contain NaN/Inf; the source checkpoint is damaged")
+        if lin.cfg.method != "rtn":
+            _reduce_hessian(lin)
+    world, me = D.world(), D.rank()
+    for j, lin in enumerate(lins):
+        if j % world == me:
+            _solve(lin, zero_min)
+    for j, lin in enumerate(lins):
+        src = j % world
+        r = lin.result
+        meta = D.broadcast_object(None if me != src else (r.loss, r.damp, r.method, lin.tokens, lin.seconds,
+                                                          tuple(r.scales.shape)), src)
+        loss, damp, method, tokens, seconds, gshape = meta
+        N, K = lin.module.weight.shape
+        q = D.broadcast_tensor(r.q if me == src else None, src, ((N, K), torch.int32))
+        scales = D.broadcast_tensor(r.scales if me == src else None, src, (gshape, torch.float32))
+        zeros = D.broadcast_tensor(r.zeros if me == src else None, src, (gshape, torch.int32))
+        g_idx = D.broadcast_tensor(r.g_idx if me == src else None, src, ((K,), torch.int32))
+        if me != src:
+            dev = lin.module.weight.device
+            res = QuantResult(q=q.to(dev), scales=scales.to(dev), zeros=zeros.to(dev), g_idx=g_idx.to(dev),
+                              loss=loss, damp=damp, method=method)
+            lin.module.weight.data = res.dequantize().to(lin.module.weight.dtype)
+            lin.result, lin.hessian, lin.tokens, lin.seconds = res, None, tokens, seconds
+
+
 class BlockQuantizer:
-    """Quantizes the linears of one block over calibration inputs split into chunks."""
+    """Quantizes the linears of one block over calibration inputs split into chunks.
+
+    Under torch.distributed each rank holds its own share of the chunks; the multi-pass replay
+    is used (hooks may fire in different orders on different ranks with routed experts, so no
+    collective runs inside a forward), completeness of each linear is agreed over the ranks,
+    and solve_linears() sums the Hessians and spreads the solves over the ranks.
+    """
 
     def __init__(self, block: nn.Module, linears: list[_Linear], chunks: list[tuple[tuple, dict]],
                  masks: list[torch.Tensor | None], zero_min: int, sequential: bool):
@@ -173,18 +232,16 @@ class BlockQuantizer:
         if not self.linears:
             return self._forward(lambda m, a: None)
         if cfg0.method == "rtn":
-            for lin in self.linears:
-                _solve(lin, self.zero_min)
+            solve_linears(self.linears, self.zero_min)
             self.forwards += 1
             return self._forward(lambda m, a: None)
         if not self.sequential:
             # classic GPTQ: all Hessians from the unquantized block, then one more forward
             self._forward(lambda m, a: self._accumulate(self.by_module[id(m)], a[0]))
-            for lin in self.linears:
-                _solve(lin, self.zero_min)
+            solve_linears(self.linears, self.zero_min)
             self.forwards += 2
             return self._forward(lambda m, a: None)
-        if len(self.chunks) == 1:
+        if len(self.chunks) == 1 and not D.active():
             def inflight(m, a):
                 lin = self.by_module[id(m)]
                 if lin.result is None:
@@ -214,6 +271,22 @@ class BlockQuantizer:
 
                 ran_through = [o is not None for o in self._forward(replay)]
                 self.forwards += 1  # an upper bound: early exits make passes cheaper
+                if D.active():
+                    # a linear is complete on a rank when each of its chunks accumulated it, ran to the
+                    # end, or went past it; it is solved when it is complete on every rank (the
+                    # earliest linear accumulated anywhere always is, so this terminates)
+                    unsolved = [lin for lin in self.linears if lin.result is None]
+                    flags = D.all_min_flags([all(
+                        id(lin.module) in acc or done or any(order[o] > order[id(lin.module)] for o in acc)
+                        for acc, done in zip(per_chunk, ran_through)) for lin in unsolved])
+                    ready = []
+                    for lin, ok in zip(unsolved, flags):
+                        if ok:
+                            ready.append(lin)
+                        else:
+                            lin.hessian = None
+                    solve_linears(ready, self.zero_min)
+                    continue
                 if not fresh:  # linears no token reached (e.g. unrouted experts)
                     fresh = {id(lin.module) for lin in self.linears if lin.result is None}
                 else:
@@ -362,6 +435,17 @@ def quantize_model(handle: ModelHandle, input_ids: torch.Tensor, config: Quantiz
     model = handle.model
     spec = spec_for(model)
     blocks = get_module(model, spec.blocks)
+    D.maybe_init(handle.device)
+    world, me = D.world(), D.rank()
+    if input_ids.shape[0] < world:
+        raise ConfigError(f"{input_ids.shape[0]} calibration sequences cannot be split over {world} processes; "
+                          "use more samples or fewer processes")
+    calib_tokens = int(attention_mask.sum()) if attention_mask is not None else input_ids.numel()
+    full_ids, full_mask = input_ids, attention_mask
+    if world > 1:  # [distributed] this rank's share of the calibration sequences
+        sl = D.local_slice(input_ids.shape[0])
+        input_ids = input_ids[sl]
+        attention_mask = attention_mask[sl] if attention_mask is not None else None
     nseq = input_ids.shape[0]
     chunk = batch_size or nseq
     zero_min = 1 if (config.checkpoint_format == "gptq" and not config.sym) else 0
@@ -371,15 +455,18 @@ def quantize_model(handle: ModelHandle, input_ids: torch.Tensor, config: Quantiz
     for i, blk in enumerate(blocks[:1]):
         check_layers_fit(blk, spec, config, f"{spec.blocks}.{i}")
 
-    fp = fingerprint(handle.path, list(set(handle.source.where.values())), config.to_dict(), input_ids,
-                     attention_mask, chunk=chunk, dtype=str(handle.dtype), max_shard_bytes=max_shard_bytes,
-                     lm_head=config.lm_head)
-    run = RunDir(out, fp, overwrite=overwrite, resume=resume, max_shard_bytes=max_shard_bytes)
+    fp = fingerprint(handle.path, list(set(handle.source.where.values())), config.to_dict(), full_ids,
+                     full_mask, chunk=batch_size or input_ids.shape[0], dtype=str(handle.dtype),
+                     max_shard_bytes=max_shard_bytes, lm_head=config.lm_head, world=world)
+    rank_arg = me if world > 1 else None
+    run = D.on_rank0(lambda: RunDir(out, fp, overwrite=overwrite, resume=resume, max_shard_bytes=max_shard_bytes,
+                                    rank=rank_arg))
+    if me:
+        run = RunDir(out, fp, overwrite=overwrite, resume=resume, max_shard_bytes=max_shard_bytes, rank=me)
     start = run.next_block
     i = start
     try:
-        report = QuantizeReport(out=str(out), calib_tokens=int(attention_mask.sum()) if attention_mask is not None
-                                else input_ids.numel())
+        report = QuantizeReport(out=str(out), calib_tokens=calib_tokens)
         report.layers = [LayerLog(**d) for d in run.saved("layers", [])]
         report.forwards = run.saved("forwards", 0)
         prior_seconds = run.saved("seconds", 0.0)
@@ -400,7 +487,7 @@ def quantize_model(handle: ModelHandle, input_ids: torch.Tensor, config: Quantiz
                  for s in range(0, nseq, chunk)]
         written: set[str] = set()
 
-        bar = tqdm(range(start, len(blocks)), desc="quantizing blocks", disable=not progress,
+        bar = tqdm(range(start, len(blocks)), desc="quantizing blocks", disable=not progress or me != 0,
                    initial=start, total=len(blocks))
         with torch.no_grad():
             for i in bar:
@@ -439,12 +526,13 @@ def quantize_model(handle: ModelHandle, input_ids: torch.Tensor, config: Quantiz
                                                   lin.result.loss, lin.result.damp, lin.tokens,
                                                   round(lin.seconds, 4)))
                 _write_originals(handle, tensors, prefix, written)
-                run.write_block(i, tensors)
-                for c, (args, _) in enumerate(chunks):
-                    run.write_hidden(i + 1, c, args[0])
+                if me == 0:
+                    run.write_block(i, tensors)
+                D.all_ok(lambda: [run.write_hidden(i + 1, c, args[0]) for c, (args, _) in enumerate(chunks)])
                 fault_hook("written", i)
-                run.commit(i + 1, layers=[asdict(x) for x in report.layers], forwards=report.forwards,
-                           seconds=prior_seconds + time.perf_counter() - t_start)
+                D.on_rank0(lambda: run.commit(i + 1, layers=[asdict(x) for x in report.layers],
+                                              forwards=report.forwards,
+                                              seconds=prior_seconds + time.perf_counter() - t_start))
                 fault_hook("committed", i)
                 del tensors
                 handle.release(prefix)
@@ -456,8 +544,11 @@ def quantize_model(handle: ModelHandle, input_ids: torch.Tensor, config: Quantiz
         _write_originals(handle, outside, "", written, skip_prefix=spec.blocks + ".")
 
         report.seconds = prior_seconds + time.perf_counter() - t_start
-        _write_side_files(handle, run.directory, config, tokenizer, report)
-        run.finalize(len(blocks), outside)
+
+        def finish():
+            _write_side_files(handle, run.directory, config, tokenizer, report)
+            run.finalize(len(blocks), outside)
+        D.on_rank0(finish)
     except KeyboardInterrupt as e:
         raise InterruptedRunError(
             f"interrupted in block {i}; the {run.next_block} finished block(s) are kept in {run.directory}. "
@@ -506,6 +597,8 @@ def _quantize_lm_head(handle, spec, chunks, masks, config, zero_min, writer, wri
         for (args, _), m in zip(chunks, masks):
             x = norm(args[0]) if norm is not None else args[0]
             lin.hessian.add(x, m)
+    if lin.hessian is not None and D.active():
+        _reduce_hessian(lin)  # every rank solves it alike from the summed Hessian
     if getattr(model.config, "tie_word_embeddings", False):
         # the quantized head can no longer share the embedding matrix
         head.weight = nn.Parameter(head.weight.detach().clone())

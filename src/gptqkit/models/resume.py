@@ -82,8 +82,17 @@ class RunDir:
     """The `.partial` folder of one run. Only the writing rank creates one."""
 
     def __init__(self, out: str | Path, fingerprint: str, *, overwrite: bool = False, resume: bool = False,
-                 max_shard_bytes: int = 2 << 30):
+                 max_shard_bytes: int = 2 << 30, rank: int | None = None):
+        """rank: None for a single process; under torch.distributed rank 0 creates the folder and
+        the other ranks open it afterwards (only their hidden states are theirs to write)."""
         self.out = Path(out)
+        self.rank = rank
+        if rank:  # a follower: read the state rank 0 has validated, touch nothing else
+            self.tmp = self.out.with_name(self.out.name + ".partial")
+            self.fingerprint, self.overwrite, self.max_shard_bytes = fingerprint, overwrite, max_shard_bytes
+            st = self.tmp / STATE_FILE
+            self.state = json.loads(st.read_text()) if resume and st.is_file() else None
+            return
         if self.out.exists() and not overwrite:
             raise CheckpointError(f"{self.out} already exists; choose another --out or pass overwrite")
         self.tmp = self.out.with_name(self.out.name + ".partial")
@@ -132,7 +141,8 @@ class RunDir:
         return self.tmp / "blocks" / f"block-{i:05d}.safetensors"
 
     def hidden_file(self, i: int, c: int) -> Path:
-        return self.tmp / "hidden" / f"in-{i:05d}-c{c:04d}.safetensors"
+        r = "" if self.rank is None else f"r{self.rank:03d}-"
+        return self.tmp / "hidden" / f"in-{i:05d}-{r}c{c:04d}.safetensors"
 
     def write_block(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
         write_safetensors(self.block_file(i), tensors, {"format": "pt", "order": json.dumps(list(tensors))})
