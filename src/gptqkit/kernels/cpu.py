@@ -104,7 +104,7 @@ def _build() -> ctypes.CDLL:
             os.replace(tmp, out)  # atomic: concurrent builders never see a partial file
         try:
             lib = ctypes.CDLL(str(out))
-            if lib.gk_abi_version() != 1:
+            if lib.gk_abi_version() != 2:
                 raise OSError("ABI version mismatch")
         except OSError as e:
             errors.append(f"{' '.join(flags)}: cannot load {out}: {e}")
@@ -114,6 +114,9 @@ def _build() -> ctypes.CDLL:
         lib.gk_gemv.restype = i
         lib.gk_dequant.argtypes = [p, p, p, p, i, i, i, i, i, p, i]
         lib.gk_dequant.restype = i
+        # decode fast path: (struct gk_layer*, X, M, Y, nthreads)
+        lib.gk_gemv_layer.argtypes = [p, p, i, p, i]
+        lib.gk_gemv_layer.restype = i
         log.debug("gptqkit CPU kernel loaded from %s (flags %s)", out, " ".join(flags))
         return lib
     raise RuntimeError("could not build the CPU kernel: " + " | ".join(errors))
@@ -149,6 +152,13 @@ def repack(q: torch.Tensor, bits: int) -> torch.Tensor:
     for i in range(per):
         byte |= qp[:, :, :, i, :] << (bits * i)
     return byte.reshape(K, nblk, 8 * bits).permute(1, 0, 2).to(torch.uint8).contiguous()
+
+
+class _LayerArgs(ctypes.Structure):
+    """The constant arguments of gk_gemv for one layer (C struct gk_layer)."""
+    _fields_ = [("W", ctypes.c_void_p), ("S", ctypes.c_void_p), ("SZ", ctypes.c_void_p),
+                ("seg", ctypes.c_void_p), ("bits", ctypes.c_int32), ("K", ctypes.c_int32),
+                ("G", ctypes.c_int32), ("nblk", ctypes.c_int32), ("N", ctypes.c_int32)]
 
 
 def _block_params(t: torch.Tensor, nblk: int) -> torch.Tensor:
@@ -200,10 +210,34 @@ class CpuBackend:
         layer._cpu_perm = perm
         layer._cpu_nblk = nblk
         layer._cpu_bias = layer.bias.float() if layer.bias is not None else None
+        # decode fast path: the constant kernel arguments in one C struct (it holds raw pointers
+        # into the tensors above, which live as long as the layer and are never resized), and
+        # the thread count for M = 1 (torch's thread count at call time caps it)
+        args = _LayerArgs(layer._cpu_w.data_ptr(), layer._cpu_s.data_ptr(), layer._cpu_sz.data_ptr(),
+                          layer._cpu_seg.data_ptr(), layer.bits, K, layer._cpu_seg.numel() - 1, nblk, N)
+        layer._cpu_args = args
+        layer._cpu_args_ptr = ctypes.addressof(args)
+        layer._cpu_nt1 = max(1, min((K * N) >> 19, nblk))
+        layer._cpu_fast = perm is None
+        self._lib = get_lib()
         log.debug("%s: cpu backend prepared (%d blocks, act-order permutation: %s)",
                   layer.describe(), nblk, perm is not None)
 
     def forward(self, layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+        # decode fast path (fp32, contiguous, no act-order permutation, fused kernel): no
+        # reshape/copy/convert, one 5-argument ctypes call, output allocated in its final shape
+        if x.dtype is torch.float32 and layer._cpu_fast and x.is_contiguous():
+            N = layer.out_features
+            M = x.numel() // layer.in_features
+            if M == 1:
+                y = torch.empty(x.shape[:-1] + (N,), dtype=torch.float32)
+                nt = layer._cpu_nt1
+                if nt > 1:
+                    nt = min(nt, torch.get_num_threads())
+                self._lib.gk_gemv_layer(layer._cpu_args_ptr, x.data_ptr(), 1, y.data_ptr(), nt)
+                if layer._cpu_bias is not None:
+                    y += layer._cpu_bias
+                return y
         lib = get_lib()
         K, N = layer.in_features, layer.out_features
         shape = x.shape

@@ -131,8 +131,9 @@ static void block_rows(const uint8_t* __restrict Wb, const float* __restrict Sb,
 template <int BITS>
 static void gemv_impl(const uint8_t* W, const float* S, const float* SZ, const int32_t* seg,
                       int K, int G, int nblk, const float* X, int M, float* Y, int N, int nthreads) {
-    // per-row, per-group sums of x (the zero-point term)
-    float* XS = (float*)malloc(sizeof(float) * (size_t)M * G + 64);
+    // per-row, per-group sums of x (the zero-point term); on the stack for small M * G
+    float xs_stack[512];
+    float* XS = (size_t)M * G <= 512 ? xs_stack : (float*)malloc(sizeof(float) * (size_t)M * G + 64);
     for (int m = 0; m < M; ++m)
         for (int g = 0; g < G; ++g) {
             float a = 0.f;
@@ -140,7 +141,8 @@ static void gemv_impl(const uint8_t* W, const float* S, const float* SZ, const i
             XS[(size_t)m * G + g] = a;
         }
     constexpr int B = 8 * BITS;
-#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+    // if(): a single-threaded call (all of a small model's M = 1 layers) never enters the pool
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1) if (nthreads > 1)
     for (int j = 0; j < nblk; ++j) {
         const uint8_t* Wb = W + (size_t)j * K * B;
         const float* Sb = S + (size_t)j * G * 64;
@@ -165,7 +167,7 @@ static void gemv_impl(const uint8_t* W, const float* S, const float* SZ, const i
             default: break;
         }
     }
-    free(XS);
+    if (XS != xs_stack) free(XS);
 }
 
 template <int BITS>
@@ -195,7 +197,7 @@ static void dequant_impl(const uint8_t* W, const float* S, const float* SZ, cons
 }
 
 extern "C" {
-int gk_abi_version(void) { return 1; }
+int gk_abi_version(void) { return 2; }
 
 int gk_gemv(const uint8_t* W, const float* S, const float* SZ, const int32_t* seg, int bits,
             int K, int G, int nblk, const float* X, int M, float* Y, int N, int nthreads) {
@@ -205,6 +207,17 @@ int gk_gemv(const uint8_t* W, const float* S, const float* SZ, const int32_t* se
         case 8: gemv_impl<8>(W, S, SZ, seg, K, G, nblk, X, M, Y, N, nthreads); return 0;
     }
     return -1;
+}
+
+// The same GEMV with the layer's constant arguments in one struct built once at prepare time
+// (fewer ctypes conversions per call on the decode path).
+struct gk_layer {
+    const uint8_t* W; const float* S; const float* SZ; const int32_t* seg;
+    int32_t bits, K, G, nblk, N;
+};
+
+int gk_gemv_layer(const gk_layer* L, const float* X, int M, float* Y, int nthreads) {
+    return gk_gemv(L->W, L->S, L->SZ, L->seg, L->bits, L->K, L->G, L->nblk, X, M, Y, L->N, nthreads);
 }
 
 int gk_dequant(const uint8_t* W, const float* S, const float* SZ, const int32_t* gk, int bits,
