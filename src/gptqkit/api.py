@@ -33,11 +33,12 @@ def quantize(model: str | Path | None, calib: str | Path | Sequence[str] | Seque
              config: QuantizeConfig | None = None, *, nsamples: int = 128, seqlen: int = 512, seed: int = 0,
              batch_size: int | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
              overwrite: bool = False, trust_remote_code: bool = False, progress: bool = True,
-             resume: bool = False, **config_kwargs: Any) -> QuantizeReport:
+             resume: bool = False, max_memory: int | str | None = None, **config_kwargs: Any) -> QuantizeReport:
     """Quantize a causal LM (folder, hub id, or None for the built-in default) and write a GPTQ
     checkpoint to `out`. `calib` is a built-in corpus name, a .txt/.jsonl path, a list of
     strings, or AutoGPTQ-style examples (dicts with input_ids / attention_mask).
-    resume=True continues an interrupted run from `<out>.partial` (same inputs required)."""
+    resume=True continues an interrupted run from `<out>.partial` (same inputs required);
+    max_memory ('4GB') keeps calibration activations on disk when they would exceed it."""
     from .data import calibration_batches
     config = config or QuantizeConfig(**config_kwargs)
     if config_kwargs and config is not None and not isinstance(config, QuantizeConfig):
@@ -51,7 +52,8 @@ def quantize(model: str | Path | None, calib: str | Path | Sequence[str] | Seque
                                            "seqlen": int(cal.input_ids.shape[1]), "seed": seed})
     config.meta["calibration"]["source"] = str(config.meta["calibration"]["source"])
     return quantize_model(handle, cal.input_ids, config, out, attention_mask=cal.attention_mask, tokenizer=tok,
-                          batch_size=batch_size, overwrite=overwrite, progress=progress, resume=resume)
+                          batch_size=batch_size, overwrite=overwrite, progress=progress, resume=resume,
+                          max_memory=max_memory)
 
 
 def load(path: str | Path, *, backend: str | None = None, device: str = "cpu", dtype: torch.dtype | None = None,

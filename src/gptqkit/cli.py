@@ -76,7 +76,7 @@ def cmd_quantize(a) -> int:
     t0 = time.perf_counter()
     rep = quantize(model_path, a.calib, out, cfg, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
                    batch_size=a.batch_size, overwrite=a.overwrite, dtype=_dtype(a.dtype), progress=not a.json,
-                   resume=a.resume)
+                   resume=a.resume, max_memory=a.max_memory)
     if not rank0:
         return 0
     result["quantize_seconds"] = round(time.perf_counter() - t0, 2)
@@ -242,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true")
     q.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from <out>.partial (same command and inputs)")
+    q.add_argument("--max-memory", default=None,
+                   help="budget for calibration activations, e.g. 4GB; above it they stay on disk")
     q.add_argument("--eval-text", default="shakespeare-eval",
                    help="text for perplexity before/after ('' to skip)")
     q.add_argument("--no-eval", action="store_true")

@@ -276,16 +276,21 @@ def read_header(path: str | Path) -> tuple[dict, int]:
     return head, 8 + n
 
 
-def assemble_shards(sources: Iterable[Path], folder: Path, max_shard_bytes: int) -> list[str]:
+def assemble_shards(sources: Iterable[Path | tuple[Path, list[str]]], folder: Path, max_shard_bytes: int
+                    ) -> list[str]:
     """Copy every tensor of `sources` (safetensors files, read in order; within a file in the
-    order its metadata "order" lists, else name order) into shards of at most `max_shard_bytes`
-    inside `folder`, named and indexed like ShardWriter's. Returns the shard file names."""
+    order its metadata "order" lists, else name order; a (file, names) pair copies just those)
+    into shards of at most `max_shard_bytes` inside `folder`, named and indexed like
+    ShardWriter's. Returns the shard file names."""
     plan: list[list[tuple[str, Path, dict, int]]] = [[]]
     size = 0
     total = 0
     for src in sources:
+        names = None
+        if isinstance(src, tuple):
+            src, names = src
         head, data = read_header(src)
-        order = json.loads((head.get("__metadata__") or {}).get("order", "null")) or sorted(
+        order = names or json.loads((head.get("__metadata__") or {}).get("order", "null")) or sorted(
             k for k in head if k != "__metadata__")
         for k in order:
             e = head[k]

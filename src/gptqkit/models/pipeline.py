@@ -78,6 +78,29 @@ class _Stop(Exception):
     """Raised inside a forward to stop it early (input capture, replay early exit)."""
 
 
+class _OnDisk:
+    """[--max-memory] A chunk's hidden states kept in a safetensors file, read when used."""
+
+    def __init__(self, load):
+        self.load = load
+
+
+def _hidden(x):
+    return x.load() if isinstance(x, _OnDisk) else x
+
+
+def parse_size(v: int | str | None) -> int | None:
+    """'4GB', '512MiB', '2e9' or an int -> bytes; None stays None."""
+    if v is None or isinstance(v, int):
+        return v
+    import re
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([kKmMgGtT]?)(i?)[bB]?\s*", str(v))
+    if not m:
+        raise ConfigError(f"max_memory={v!r} is not a size; write it like 4GB, 512MB or 2e9 (bytes)")
+    base = 1024 if m.group(3) else 1000
+    return int(float(m.group(1)) * base ** " kmgt".index(m.group(2).lower() or " "))
+
+
 @dataclass
 class _Linear:
     name: str                      # full module name in the model
@@ -184,13 +207,15 @@ class BlockQuantizer:
     """
 
     def __init__(self, block: nn.Module, linears: list[_Linear], chunks: list[tuple[tuple, dict]],
-                 masks: list[torch.Tensor | None], zero_min: int, sequential: bool):
+                 masks: list[torch.Tensor | None], zero_min: int, sequential: bool, sink=None):
+        """sink(ci, hidden): [--max-memory] takes each chunk's output of the final forward (else
+        run() returns them); chunks' hidden states may be _OnDisk, read one chunk at a time."""
         self.block, self.linears, self.chunks, self.masks = block, linears, chunks, masks
-        self.zero_min, self.sequential = zero_min, sequential
+        self.zero_min, self.sequential, self.sink = zero_min, sequential, sink
         self.by_module = {id(lin.module): lin for lin in linears}
         self.forwards = 0.0
 
-    def _forward(self, hook) -> list[Any]:
+    def _forward(self, hook, final: bool = False) -> list[Any]:
         handles = [lin.module.register_forward_pre_hook(hook) for lin in self.linears]
         outs = []
         try:
@@ -200,7 +225,13 @@ class BlockQuantizer:
                 self._seen_inputs: list[torch.Tensor] = []   # inputs of accumulated linears
                 self._blocked = False
                 try:
-                    outs.append(self.block(*args, **kwargs))
+                    o = self.block(_hidden(args[0]), *args[1:], **kwargs)
+                    if not final:
+                        o = True  # only "ran to the end" matters; the output is not kept
+                    elif self.sink is not None:
+                        self.sink(ci, _first(o))
+                        o = True
+                    outs.append(o)
                 except _Stop:
                     outs.append(None)
         finally:
@@ -230,17 +261,17 @@ class BlockQuantizer:
     def run(self) -> list[Any]:
         cfg0 = self.linears[0].cfg if self.linears else None
         if not self.linears:
-            return self._forward(lambda m, a: None)
+            return self._forward(lambda m, a: None, final=True)
         if cfg0.method == "rtn":
             solve_linears(self.linears, self.zero_min)
             self.forwards += 1
-            return self._forward(lambda m, a: None)
+            return self._forward(lambda m, a: None, final=True)
         if not self.sequential:
             # classic GPTQ: all Hessians from the unquantized block, then one more forward
             self._forward(lambda m, a: self._accumulate(self.by_module[id(m)], a[0]))
             solve_linears(self.linears, self.zero_min)
             self.forwards += 2
-            return self._forward(lambda m, a: None)
+            return self._forward(lambda m, a: None, final=True)
         if len(self.chunks) == 1 and not D.active():
             def inflight(m, a):
                 lin = self.by_module[id(m)]
@@ -248,7 +279,7 @@ class BlockQuantizer:
                     self._accumulate(lin, a[0])
                     _solve(lin, self.zero_min)
             self.forwards += 1
-            outs = self._forward(inflight)
+            outs = self._forward(inflight, final=True)
         else:
             order = {id(lin.module): k for k, lin in enumerate(self.linears)}  # registration order
             while any(lin.result is None for lin in self.linears):
@@ -306,7 +337,7 @@ class BlockQuantizer:
                     if id(lin.module) in fresh:
                         _solve(lin, self.zero_min)
             self.forwards += 1
-            outs = self._forward(lambda m, a: None)
+            outs = self._forward(lambda m, a: None, final=True)
         for lin in self.linears:  # never called in the forward (no tokens routed to it)
             if lin.result is None:
                 _solve(lin, self.zero_min)
@@ -318,11 +349,15 @@ def _first(out: Any) -> torch.Tensor:
 
 
 def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor,
-                         attention_mask: torch.Tensor | None, chunk_size: int) -> list[tuple[tuple, dict]]:
-    """Run the model up to block 0 for each chunk of sequences; return what block 0 received."""
+                         attention_mask: torch.Tensor | None, chunk_size: int, keep=None
+                         ) -> list[tuple[tuple, dict]]:
+    """Run the model up to block 0 for each chunk of sequences; return what block 0 received.
+    keep(c, hidden) may replace each chunk's hidden states (e.g. by an _OnDisk)."""
     captured: list[tuple[tuple, dict]] = []
 
     def hook(module, args, kwargs):
+        if keep is not None:
+            args = (keep(len(captured), args[0]),) + tuple(args[1:])
         captured.append((args, kwargs))
         raise _Stop
 
@@ -343,7 +378,7 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: tor
 
 
 def capture_per_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor,
-                             attention_mask: torch.Tensor | None, chunk_size: int
+                             attention_mask: torch.Tensor | None, chunk_size: int, keep=None
                              ) -> tuple[list[tuple[tuple, dict]], list[list[tuple[tuple, dict]]]] | None:
     """[arch] What every block receives besides its hidden states, from one normal forward.
 
@@ -366,7 +401,8 @@ def capture_per_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids:
                 args = (kwargs.pop("hidden_states"),)
             h = args[0]
             if i == 0:
-                first.append((args, kwargs))
+                first.append(((keep(len(first), h),) + tuple(args[1:]), kwargs) if keep is not None
+                             else (args, kwargs))
             seen[i].append((tuple(args[1:]), kwargs))
             if i == n - 1:
                 raise _Stop
@@ -411,7 +447,18 @@ def check_layers_fit(block: nn.Module, spec: ArchSpec, config: QuantizeConfig, p
 
 
 class _Tensors(dict):
-    """An ordered name -> tensor collection with ShardWriter's add/add_all."""
+    """An ordered name -> tensor collection with ShardWriter's add/add_all; `copies` lists
+    source tensors to be copied byte for byte at finalize (never read into memory)."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies: list[tuple[Path, list[str]]] = []
+
+    def add_copy(self, name: str, file: Path) -> None:
+        if self.copies and self.copies[-1][0] == file:
+            self.copies[-1][1].append(name)
+        else:
+            self.copies.append((file, [name]))
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         self[name] = tensor.detach().cpu().contiguous()
@@ -424,12 +471,15 @@ class _Tensors(dict):
 def quantize_model(handle: ModelHandle, input_ids: torch.Tensor, config: QuantizeConfig, out: str | Path, *,
                    attention_mask: torch.Tensor | None = None, tokenizer=None, batch_size: int | None = None,
                    overwrite: bool = False, max_shard_bytes: int = 2 << 30, progress: bool = True,
-                   resume: bool = False) -> QuantizeReport:
+                   resume: bool = False, max_memory: int | str | None = None) -> QuantizeReport:
     """Quantize `handle`'s model on calibration `input_ids` [n, L] and write a checkpoint at `out`.
 
     batch_size: sequences per forward chunk; None puts all of them in one chunk (least work).
     resume: continue the unfinished run in `<out>.partial` (see models/resume.py); the result is
     byte-identical to an uninterrupted run. Ctrl-C raises InterruptedRunError and keeps that folder.
+    max_memory ('4GB' or bytes): when the calibration hidden states (inputs and outputs of a block)
+    would exceed it, they stay in files under `<out>.partial/hidden` and blocks run chunk by chunk
+    (batch_size, or as many sequences as a quarter of the budget holds).
     """
     t_start = time.perf_counter()
     model = handle.model
@@ -448,6 +498,16 @@ def quantize_model(handle: ModelHandle, input_ids: torch.Tensor, config: Quantiz
         attention_mask = attention_mask[sl] if attention_mask is not None else None
     nseq = input_ids.shape[0]
     chunk = batch_size or nseq
+    max_memory = parse_size(max_memory)
+    offload = False
+    if max_memory is not None:
+        width = getattr(handle.config.get_text_config(), "hidden_size", None) or getattr(handle.config, "n_embd", 0)
+        per_seq = input_ids.shape[1] * width * torch.tensor([], dtype=handle.dtype).element_size()
+        offload = not width or 2 * nseq * per_seq > max_memory
+        if offload:
+            chunk = batch_size or max(1, min(nseq, max_memory // (4 * max(per_seq, 1))))
+            log.info("calibration hidden states (%.0f MB) exceed max_memory (%.0f MB): kept on disk, "
+                     "%d sequences per chunk", 2 * nseq * per_seq / 1e6, max_memory / 1e6, chunk)
     zero_min = 1 if (config.checkpoint_format == "gptq" and not config.sym) else 0
     if zero_min:
         log.info("asymmetric quantization in checkpoint_format 'gptq' (v1): zero points kept >= 1, "
@@ -456,7 +516,7 @@ def quantize_model(handle: ModelHandle, input_ids: torch.Tensor, config: Quantiz
         check_layers_fit(blk, spec, config, f"{spec.blocks}.{i}")
 
     fp = fingerprint(handle.path, list(set(handle.source.where.values())), config.to_dict(), full_ids,
-                     full_mask, chunk=batch_size or input_ids.shape[0], dtype=str(handle.dtype),
+                     full_mask, chunk=chunk, dtype=str(handle.dtype),
                      max_shard_bytes=max_shard_bytes, lm_head=config.lm_head, world=world)
     rank_arg = me if world > 1 else None
     run = D.on_rank0(lambda: RunDir(out, fp, overwrite=overwrite, resume=resume, max_shard_bytes=max_shard_bytes,
@@ -475,13 +535,23 @@ def quantize_model(handle: ModelHandle, input_ids: torch.Tensor, config: Quantiz
         input_ids = input_ids.to(dev)
         attention_mask = attention_mask.to(dev) if attention_mask is not None else None
         # [arch] record what each block receives (per-layer masks / rotary tables differ by layer type)
-        per_block = capture_per_block_inputs(model, blocks, input_ids, attention_mask, chunk)
+        def on_disk(i: int, c: int) -> _OnDisk:
+            return _OnDisk(lambda: run.load_hidden(i, c).to(dev))
+
+        def keep(c: int, h: torch.Tensor) -> _OnDisk:  # [--max-memory] block 0's inputs go to disk at once
+            run.write_hidden(0, c, h)
+            return on_disk(0, c)
+
+        keep = keep if offload and not start else None
+        per_block = capture_per_block_inputs(model, blocks, input_ids, attention_mask, chunk, keep)
         if per_block is not None:
             chunks, block_rest = per_block
         else:
-            chunks, block_rest = capture_block_inputs(model, blocks, input_ids, attention_mask, chunk), None
+            chunks, block_rest = capture_block_inputs(model, blocks, input_ids, attention_mask, chunk, keep), None
+        if not config.lm_head:
+            handle.release_outside(spec.blocks)  # embeddings: needed again only to quantize lm_head
         if start:  # the hidden states the interrupted run had reached
-            chunks = [((run.load_hidden(start, c).to(dev),) + tuple(args[1:]), kw)
+            chunks = [((on_disk(start, c) if offload else run.load_hidden(start, c).to(dev),) + tuple(args[1:]), kw)
                       for c, (args, kw) in enumerate(chunks)]
         masks = [attention_mask[s:s + chunk].bool() if attention_mask is not None else None
                  for s in range(0, nseq, chunk)]
@@ -505,15 +575,25 @@ def quantize_model(handle: ModelHandle, input_ids: torch.Tensor, config: Quantiz
                     cfg = config.for_module(f"{prefix}.{n}")
                     if cfg is not None:
                         lins.append(_Linear(f"{prefix}.{n}", m, cfg))
-                bq = BlockQuantizer(block, lins, chunks, masks, zero_min, config.true_sequential)
-                outs = bq.run()
-                report.forwards += bq.forwards
-                for (args, kwargs), o in zip(chunks, outs):
-                    h = _first(o)
+                def check(h: torch.Tensor, prefix=prefix) -> None:
                     if not torch.isfinite(h).all():
                         raise NumericalError(f"activations after {prefix} contain NaN/Inf; try a higher-precision "
                                              "compute dtype (float32) or check the source weights")
-                chunks = [((_first(o),) + tuple(args[1:]), kwargs) for (args, kwargs), o in zip(chunks, outs)]
+
+                def sink(c: int, h: torch.Tensor, i=i) -> None:  # [--max-memory] outputs straight to disk
+                    check(h)
+                    run.write_hidden(i + 1, c, h)
+
+                bq = BlockQuantizer(block, lins, chunks, masks, zero_min, config.true_sequential,
+                                    sink=sink if offload else None)
+                outs = bq.run()
+                report.forwards += bq.forwards
+                if offload:
+                    chunks = [((on_disk(i + 1, c),) + tuple(args[1:]), kw) for c, (args, kw) in enumerate(chunks)]
+                else:
+                    for o in outs:
+                        check(_first(o))
+                    chunks = [((_first(o),) + tuple(args[1:]), kwargs) for (args, kwargs), o in zip(chunks, outs)]
                 del outs
                 fault_hook("solved", i)
                 # write: GPTQ tensors of the solved linears, originals for everything else in the block
@@ -528,7 +608,8 @@ def quantize_model(handle: ModelHandle, input_ids: torch.Tensor, config: Quantiz
                 _write_originals(handle, tensors, prefix, written)
                 if me == 0:
                     run.write_block(i, tensors)
-                D.all_ok(lambda: [run.write_hidden(i + 1, c, args[0]) for c, (args, _) in enumerate(chunks)])
+                if not offload:
+                    D.all_ok(lambda: [run.write_hidden(i + 1, c, args[0]) for c, (args, _) in enumerate(chunks)])
                 fault_hook("written", i)
                 D.on_rank0(lambda: run.commit(i + 1, layers=[asdict(x) for x in report.layers],
                                               forwards=report.forwards,
@@ -541,13 +622,13 @@ def quantize_model(handle: ModelHandle, input_ids: torch.Tensor, config: Quantiz
             outside = _Tensors()
             if config.lm_head:
                 _quantize_lm_head(handle, spec, chunks, masks, config, zero_min, outside, written, report)
-        _write_originals(handle, outside, "", written, skip_prefix=spec.blocks + ".")
+        _write_originals(handle, outside, "", written, skip_prefix=spec.blocks + ".", copy=True)
 
         report.seconds = prior_seconds + time.perf_counter() - t_start
 
         def finish():
             _write_side_files(handle, run.directory, config, tokenizer, report)
-            run.finalize(len(blocks), outside)
+            run.finalize(len(blocks), outside, outside.copies)
         D.on_rank0(finish)
     except KeyboardInterrupt as e:
         raise InterruptedRunError(
@@ -556,8 +637,8 @@ def quantize_model(handle: ModelHandle, input_ids: torch.Tensor, config: Quantiz
     return report
 
 
-def _write_originals(handle: ModelHandle, writer, prefix: str, written: set[str], skip_prefix: str | None = None
-                     ) -> None:
+def _write_originals(handle: ModelHandle, writer, prefix: str, written: set[str], skip_prefix: str | None = None,
+                     copy: bool = False) -> None:
     """Write the not-quantized tensors under `prefix` ('' = all remaining, except those under
     `skip_prefix`) in their stored dtype."""
     if handle.streaming:
@@ -566,7 +647,10 @@ def _write_originals(handle: ModelHandle, writer, prefix: str, written: set[str]
             if skip_prefix and k.startswith(skip_prefix):
                 continue
             if k not in written:
-                writer.add(k, handle.original(k))
+                if copy:  # as stored, straight from the source file (the embeddings are large)
+                    writer.add_copy(k, handle.source.where[k])
+                else:
+                    writer.add(k, handle.original(k))
                 written.add(k)
     else:
         sd = handle.model.state_dict()
@@ -595,7 +679,7 @@ def _quantize_lm_head(handle, spec, chunks, masks, config, zero_min, writer, wri
     if cfg.method != "rtn":
         lin.hessian = Hessian(head.in_features, device=handle.device)
         for (args, _), m in zip(chunks, masks):
-            x = norm(args[0]) if norm is not None else args[0]
+            x = norm(_hidden(args[0])) if norm is not None else _hidden(args[0])
             lin.hessian.add(x, m)
     if lin.hessian is not None and D.active():
         _reduce_hessian(lin)  # every rank solves it alike from the summed Hessian

@@ -178,12 +178,15 @@ class RunDir:
                 f.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ the end
-    def finalize(self, nblocks: int, outside: dict[str, torch.Tensor]) -> Path:
-        """Assemble the shards (blocks in order, then `outside`), drop the run files, rename."""
+    def finalize(self, nblocks: int, outside: dict[str, torch.Tensor],
+                 copies: list[tuple[Path, list[str]]] = ()) -> Path:
+        """Assemble the shards (blocks in order, then `outside`, then tensors copied as stored from
+        source files: (file, names)), drop the run files, rename the folder to `out`."""
         outside_file = self.tmp / "outside.safetensors"
         write_safetensors(outside_file, outside, {"format": "pt", "order": json.dumps(list(outside))})
         sources = [self.block_file(i) for i in range(nblocks)] + [outside_file]
         missing = [p.name for p in sources if not p.is_file()]
+        sources += list(copies)
         if missing:
             raise CheckpointError(f"{self.tmp} lacks {missing[:3]}; run again without --resume")
         for old in list(self.tmp.glob("*.safetensors")) + [self.tmp / "model.safetensors.index.json"]:

@@ -106,6 +106,16 @@ class ModelHandle:
                                         value=t.to(self.dtype) if t.is_floating_point() else t)
         self._tie()
 
+    def release_outside(self, blocks_path: str) -> None:
+        """Free everything that is not a decoder block (streaming only): after the inputs of
+        block 0 are captured, the embeddings are not needed again (unless lm_head is quantized)."""
+        if not self.streaming:
+            return
+        from accelerate.utils import set_module_tensor_to_device
+        for full, p in list(self.model.named_parameters()):
+            if not full.startswith(blocks_path + ".") and p.device.type != "meta":
+                set_module_tensor_to_device(self.model, full, "meta")
+
     def release(self, prefix: str) -> None:
         """Free a finished module's weights (streaming only)."""
         if self.streaming:
