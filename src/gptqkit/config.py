@@ -140,17 +140,23 @@ class QuantizeConfig:
                 f"checkpoint_format={fmt!r} is unknown; gptqkit reads {FORMATS}. Convert the "
                 "checkpoint to the standard GPTQ layout with the tool that wrote it")
         meta = dict(d.get("meta") or {})
-        mse = d.get("mse", False)
+
+        def get(key: str, default: Any) -> Any:
+            # GPTQModel >= 4 writes the solver settings (damp_percent, damp_auto_increment,
+            # static_groups, true_sequential, mse) under "meta" rather than at the top level
+            return d.get(key, meta.get(key, default))
+
+        mse = get("mse", False)
         try:
             return cls(
                 bits=int(d["bits"]),
                 group_size=int(d.get("group_size", 128)),
                 sym=bool(d.get("sym", True)),
                 desc_act=bool(d.get("desc_act", d.get("act_order", False))),
-                static_groups=bool(d.get("static_groups", False)),
-                damp_percent=float(d.get("damp_percent", 0.01)),
-                damp_auto_increment=float(d.get("damp_auto_increment", 0.0025) or 0.0025),
-                true_sequential=bool(d.get("true_sequential", True)),
+                static_groups=bool(get("static_groups", False)),
+                damp_percent=float(get("damp_percent", 0.01)),
+                damp_auto_increment=float(get("damp_auto_increment", 0.0025) or 0.0025),
+                true_sequential=bool(get("true_sequential", True)),
                 mse=bool(mse),
                 checkpoint_format=fmt,
                 lm_head=bool(d.get("lm_head", False)),
