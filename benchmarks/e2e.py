@@ -71,6 +71,12 @@ def worker(a) -> dict:
     load_s = time.perf_counter() - t0
     gc.collect()
     rss_load = _status_kb("VmRSS")
+    try:  # heap freed during loading but kept by glibc's allocator (glibc only)
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        rss_trim = _status_kb("VmRSS")
+    except (OSError, AttributeError):
+        rss_trim = None
 
     from gptqkit.kernels.qlinear import QuantLinear
     sd_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
@@ -96,6 +102,7 @@ def worker(a) -> dict:
 
     res = {"variant": a.variant, "threads": torch.get_num_threads(), "load_s": load_s,
            "rss_start_mb": rss_start / 1024, "rss_after_load_mb": rss_load / 1024,
+           "rss_after_load_trim_mb": rss_trim / 1024 if rss_trim is not None else None,
            "state_dict_mb": sd_bytes / 2**20, "weight_mb": weight_bytes / 2**20,
            "derived_mb": derived / 2**20, "quant_backends": backends}
 
@@ -215,7 +222,7 @@ def driver(a) -> dict:
                 raise SystemExit(f"worker {v} failed")
             res = json.loads(p.stdout.strip().splitlines()[-1])
             log("   ", {k: (round(x, 3) if isinstance(x, float) else x) for k, x in res.items()
-                       if k in ("prefill_tok_s", "decode_tok_s", "generate_decode_tok_s", "rss_after_load_mb",
+                       if k in ("prefill_tok_s", "decode_tok_s", "generate_decode_tok_s", "rss_start_mb", "rss_after_load_mb", "rss_after_load_trim_mb",
                                 "rss_peak_mb")})
             rounds[v].append(res)
 
@@ -226,8 +233,9 @@ def driver(a) -> dict:
     summary = {}
     for v in variants:
         s = {k: med(v, k) for k in ("prefill_tok_s", "decode_tok_s", "decode_ms_per_token", "generate_s",
-                                    "generate_decode_tok_s", "rss_after_load_mb", "rss_peak_mb", "weight_mb",
+                                    "generate_decode_tok_s", "rss_start_mb", "rss_after_load_mb", "rss_after_load_trim_mb", "rss_peak_mb", "weight_mb",
                                     "state_dict_mb", "derived_mb", "load_s")}
+        s["decode_tok_s_rounds"] = [r["decode_tok_s"] for r in rounds[v]]
         if rounds[v] and "breakdown" in rounds[v][0]:
             s["breakdown"] = {k: med(v, k, "breakdown") for k in rounds[v][0]["breakdown"]}
         summary[v] = s
@@ -247,12 +255,12 @@ def table(path: str) -> str:
     s = d["summary"]
     f = lambda x, n=1: "–" if x is None else f"{x:.{n}f}"  # noqa: E731
     lines = ["| variant | prefill tok/s | decode tok/s (loop) | ms/token | decode tok/s (generate) | "
-             "decode vs fp32 | prefill vs fp32 | RSS after load MB | peak RSS MB | weights MB | derived MB |",
+             "decode vs fp32 | prefill vs fp32 | RSS after load MB (after malloc_trim) | peak RSS MB | weights MB | derived MB |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for v, r in s.items():
         lines.append(f"| {v} | {f(r['prefill_tok_s'])} | {f(r['decode_tok_s'])} | {f(r['decode_ms_per_token'], 2)} | "
                      f"{f(r['generate_decode_tok_s'])} | {f(r.get('decode_vs_fp32'), 2)}× | "
-                     f"{f(r.get('prefill_vs_fp32'), 2)}× | {f(r['rss_after_load_mb'], 0)} | {f(r['rss_peak_mb'], 0)} | "
+                     f"{f(r.get('prefill_vs_fp32'), 2)}× | {f(r['rss_after_load_mb'], 0)} ({f(r.get('rss_after_load_trim_mb'), 0)}) | {f(r['rss_peak_mb'], 0)} | "
                      f"{f(r['weight_mb'], 0)} | {f(r['derived_mb'], 0)} |")
     lines += ["", "| variant | decode step ms | linears ms (n) | lm_head ms | rest ms | linears % | lm_head % | rest % |",
               "|---|---|---|---|---|---|---|---|"]
