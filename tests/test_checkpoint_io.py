@@ -193,8 +193,9 @@ def test_out_appearing_during_write_is_not_clobbered(tmp_path):
 
 # ------------------------------------------------------------------ round trip with our writer
 ROUNDTRIP = {
-    "sym4-v1": dict(bits=4, group_size=32, sym=True, checkpoint_format="gptq"),
-    "asym3-v2-act": dict(bits=3, group_size=32, sym=False, desc_act=True, checkpoint_format="gptq_v2"),
+    "sym4-v1": dict(bits=4, group_size=32, sym=True, desc_act=False, static_groups=False, checkpoint_format="gptq"),
+    "asym3-v2-act": dict(bits=3, group_size=32, sym=False, desc_act=True, static_groups=False,
+                         checkpoint_format="gptq_v2"),
     "asym8-v1-static": dict(bits=8, group_size=64, sym=False, desc_act=True, static_groups=True,
                             checkpoint_format="gptq"),
 }

@@ -67,8 +67,8 @@ def test_valid_values_accepted():
 
 def test_defaults():
     c = QuantizeConfig()
-    assert (c.bits, c.group_size, c.sym, c.desc_act, c.checkpoint_format, c.method) == \
-        (4, 128, True, False, "gptq", "gptq")
+    assert (c.bits, c.group_size, c.sym, c.desc_act, c.static_groups, c.checkpoint_format, c.method) == \
+        (4, 128, True, True, True, "gptq", "gptq")
 
 
 # --------------------------------------------------------------------------- serialization

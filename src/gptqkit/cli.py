@@ -223,8 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = q.add_mutually_exclusive_group()
     g.add_argument("--sym", dest="sym", action="store_true", default=True)
     g.add_argument("--asym", dest="sym", action="store_false")
-    q.add_argument("--desc-act", action="store_true", help="act-order: quantize columns by Hessian diagonal")
-    q.add_argument("--static-groups", action="store_true")
+    q.add_argument("--desc-act", action=argparse.BooleanOptionalAction, default=True,
+                   help="act-order: solve columns by decreasing Hessian diagonal (default on)")
+    q.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=True,
+                   help="fix groups in original column order, so g_idx stays c // g (default on)")
     q.add_argument("--damp", type=float, default=0.01, help="damp_percent (grows automatically if needed)")
     q.add_argument("--mse", action="store_true", help="search clipped ranges for the scales")
     q.add_argument("--no-true-sequential", action="store_true")
