@@ -34,14 +34,40 @@ def _child(a) -> None:
         cal = calibration_batches(load_tokenizer(a.model), "shakespeare", nsamples=a.nsamples, seqlen=a.seqlen)
         out["calib_shape"] = list(cal.input_ids.shape)
     else:
-        import gptqkit
-        rep = gptqkit.quantize(a.model, "shakespeare", a.out, gptqkit.QuantizeConfig(bits=4, group_size=128),
-                               nsamples=a.nsamples, seqlen=a.seqlen, progress=False, overwrite=True,
-                               max_memory=a.max_memory)
+        # the same steps as gptqkit.quantize, with the peak reset between calibration and quantization
+        import gc
+
+        from gptqkit import QuantizeConfig
+        from gptqkit.api import load_tokenizer
+        from gptqkit.data import calibration_batches
+        from gptqkit.models.pipeline import quantize_model, release_heap
+        from gptqkit.models.source import ModelHandle
+        handle = ModelHandle(a.model)
+        tok = load_tokenizer(handle.path)
+        cal = calibration_batches(tok, "shakespeare", nsamples=a.nsamples, seqlen=a.seqlen, seed=0)
+        gc.collect()
+        release_heap()
+        out["rss_before_quantize_mb"] = round(_status("VmRSS"), 1)
+        with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM (the peak) to the current RSS
+            f.write("5")
+        t1 = time.perf_counter()
+        rep = quantize_model(handle, cal.input_ids, QuantizeConfig(bits=4, group_size=128), a.out,
+                             attention_mask=cal.attention_mask, tokenizer=tok, progress=False, overwrite=True,
+                             max_memory=a.max_memory)
+        out["quantize_seconds"] = round(time.perf_counter() - t1, 1)
+        out["quantize_peak_rss_mb"] = round(_status("VmHWM"), 1)
+        out["quantize_peak_above_start_mb"] = round(out["quantize_peak_rss_mb"] - out["rss_before_quantize_mb"], 1)
         out.update(layers=len(rep.layers), forwards=rep.forwards, mean_loss=rep.to_dict()["mean_loss"])
     out["seconds"] = round(time.perf_counter() - t0, 1)
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     print("RESULT " + json.dumps(out))
+
+
+def _status(key: str) -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024  # kB -> MiB
+    return float("nan")
 
 
 def build_deep(src: Path, dst: Path, layers: int, shard_bytes: int = 512 << 20) -> Path:
@@ -160,6 +186,8 @@ def main() -> None:
     rss = {k: v.get("peak_rss_mb") for k, v in c.items()}
     if rss.get("smollm2") and rss.get("deep120"):
         res["deep_over_shallow_rss"] = round(rss["deep120"] / rss["smollm2"], 3)
+        q = {k: c[k].get("quantize_peak_rss_mb") for k in ("smollm2", "deep120")}
+        res["deep_over_shallow_quantize_peak"] = round(q["deep120"] / q["smollm2"], 3)
     if rss.get("smollm2"):
         # what holding the model would cost: the fp32 weights plus the block inputs and outputs
         res["fp32_model_plus_activations_mb"] = round(res["fp32_model_mb"]["smollm2"] + 2 * act / 2**20, 1)

@@ -89,6 +89,23 @@ def _hidden(x):
     return x.load() if isinstance(x, _OnDisk) else x
 
 
+def release_heap() -> None:
+    """Give freed heap memory back to the OS (glibc keeps it otherwise, and per-block buffers of
+    many sizes would make the process grow with the number of blocks); a no-op elsewhere."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
+
+
 def parse_size(v: int | str | None) -> int | None:
     """'4GB', '512MiB', '2e9' or an int -> bytes; None stays None."""
     if v is None or isinstance(v, int):
@@ -617,6 +634,7 @@ def quantize_model(handle: ModelHandle, input_ids: torch.Tensor, config: Quantiz
                 fault_hook("committed", i)
                 del tensors
                 handle.release(prefix)
+                release_heap()
                 bar.set_postfix(loss=f"{sum(l.result.loss for l in lins) / max(1, len(lins)):.3g}")
 
             outside = _Tensors()
