@@ -13,7 +13,7 @@ each pass accumulates the linears whose inputs are final (their earlier linears 
 they share their input tensor with one that is, like q/k/v) and stops each chunk at the first
 linear that is not; those are solved, and the next pass goes further. Both modes give the
 same solutions up to floating-point summation order (GPTQ rounding can cascade from one
-flipped tie, so a few layers may differ in many codes while their losses agree).
+flipped tie, so a few layers may differ in many codes).
 """
 from __future__ import annotations
 
