@@ -27,7 +27,7 @@ def test_model_card_content(qdir):
     from gptqkit.hub import model_card
     card = model_card(qdir, "me/tiny-gptq", base_model="org/tiny-base")
     assert card.startswith("---\n") and "base_model: org/tiny-base" in card and "- gptq" in card
-    for needle in ("| bits | `4` |", "| group_size | `32` |", "| desc_act | `false` |",
+    for needle in ("| bits | `4` |", "| group_size | `32` |", "| desc_act | `true` |",
                    "4 sequences of 64 tokens", 'gptqkit.load("me/tiny-gptq")',
                    'AutoModelForCausalLM.from_pretrained("me/tiny-gptq"', "vllm serve me/tiny-gptq --quantization gptq",
                    "Perplexity was not measured"):
