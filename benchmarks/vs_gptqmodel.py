@@ -68,7 +68,7 @@ def worker_gptqkit(a: argparse.Namespace) -> dict:
 
     ids = torch.load(a.ids)
     cfg = gptqkit.QuantizeConfig(bits=a.bits, group_size=a.group_size, sym=True, desc_act=a.desc_act,
-                                 damp_percent=DAMP_PERCENT, damp_auto_increment=DAMP_AUTO_INCREMENT,
+                                 static_groups=False, damp_percent=DAMP_PERCENT, damp_auto_increment=DAMP_AUTO_INCREMENT,
                                  true_sequential=True, mse=False, checkpoint_format="gptq")
     t0 = time.perf_counter()
     handle = ModelHandle(a.model, dtype=torch.float32, device="cpu")
@@ -92,7 +92,7 @@ def worker_gptqmodel(a: argparse.Namespace) -> dict:
     from gptqmodel.quantization import FORMAT
 
     ids = torch.load(a.ids)
-    kw = dict(bits=a.bits, group_size=a.group_size, sym=True, desc_act=a.desc_act,
+    kw = dict(bits=a.bits, group_size=a.group_size, sym=True, desc_act=a.desc_act, static_groups=False,
               damp_percent=DAMP_PERCENT, damp_auto_increment=DAMP_AUTO_INCREMENT,
               true_sequential=True, mse=0.0, format=FORMAT.GPTQ)
     if not a.peer_gar:

@@ -320,14 +320,20 @@ class BlockQuantizer:
 
                 ran_through = [o is not None for o in self._forward(replay)]
                 self.forwards += 1  # an upper bound: early exits make passes cheaper
+
+                def complete(lid: int) -> bool:
+                    # [arch/MoE] with routed experts, chunks may reach different linears first (a
+                    # chunk skips the experts it routes no token to). A linear's Hessian is complete
+                    # only if every chunk accumulated it, ran to the end, or went past it
+                    # (accumulated a linear registered after it: experts run in index order).
+                    return all(lid in acc or done or any(order[o] > order[lid] for o in acc)
+                               for acc, done in zip(per_chunk, ran_through))
+
                 if D.active():
-                    # a linear is complete on a rank when each of its chunks accumulated it, ran to the
-                    # end, or went past it; it is solved when it is complete on every rank (the
-                    # earliest linear accumulated anywhere always is, so this terminates)
+                    # solved when complete on every rank (the earliest linear accumulated anywhere
+                    # always is, so this terminates)
                     unsolved = [lin for lin in self.linears if lin.result is None]
-                    flags = D.all_min_flags([all(
-                        id(lin.module) in acc or done or any(order[o] > order[id(lin.module)] for o in acc)
-                        for acc, done in zip(per_chunk, ran_through)) for lin in unsolved])
+                    flags = D.all_min_flags([complete(id(lin.module)) for lin in unsolved])
                     ready = []
                     for lin, ok in zip(unsolved, flags):
                         if ok:
@@ -339,16 +345,11 @@ class BlockQuantizer:
                 if not fresh:  # linears no token reached (e.g. unrouted experts)
                     fresh = {id(lin.module) for lin in self.linears if lin.result is None}
                 else:
-                    # [arch/MoE] with routed experts, chunks may reach different linears first (a chunk
-                    # skips the experts it routes no token to). A linear's Hessian is complete only if
-                    # every chunk accumulated it, ran to the end, or went past it (accumulated a linear
-                    # registered after it: experts run in index order). Others start over next pass;
-                    # the earliest accumulated linear always completes, so this terminates.
+                    # incomplete ones start over next pass; the earliest accumulated linear always
+                    # completes, so this terminates
                     for lin in self.linears:
                         lid = id(lin.module)
-                        if lid in fresh and not all(
-                                lid in acc or done or any(order[o] > order[lid] for o in acc)
-                                for acc, done in zip(per_chunk, ran_through)):
+                        if lid in fresh and not complete(lid):
                             fresh.discard(lid)
                             lin.hessian = None
                 for lin in self.linears:
