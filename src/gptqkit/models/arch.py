@@ -22,7 +22,7 @@ records what each block received in a normal forward and replays it.
 A model_type the registry does not list goes through :func:`discover`, which finds the
 largest list of identical blocks holding linears and the final norm after it, and logs what
 it found. Most decoder-only models therefore need no entry at all; entries exist to make the
-known ones explicit and checked (see ARCHITECTURES.md for the tested table).
+known ones explicit and checked (see the Architectures table in README.md).
 
 Structural rewrites that quantization needs are done here too, generically:
 GPT-2's ``Conv1D`` (a Linear with a transposed weight) becomes an nn.Linear, and fused 3-D
