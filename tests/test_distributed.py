@@ -1,6 +1,7 @@
 """torch.distributed: `torchrun --nproc-per-node 2 -m gptqkit quantize` on CPU (gloo) against the
 single-process run on the same inputs. Hessians are summed in another order and the solves run
-on different ranks, so the codes may differ in rare rounding ties: almost all codes must match,
+on different ranks; in float32 a rounding tie flipped by that order can cascade through GPTQ's
+error feedback, so both runs compute in float64, where almost all codes must match,
 dequantized weights must agree closely and the logits of the loaded checkpoints too."""
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def _free_port() -> int:
 
 def _quantize_cmd(src, text, out, *extra) -> list[str]:
     return ["quantize", str(src), "--calib", str(text), "--nsamples", "6", "--seqlen", "32", "--group-size", "32",
-            "--desc-act", "--out", str(out), "--no-eval", "--json", *extra]
+            "--desc-act", "--out", str(out), "--no-eval", "--json", "--dtype", "float64", *extra]
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")

@@ -12,7 +12,7 @@ from pathlib import Path
 from .errors import GPTQKitError, InterruptedRunError
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16"}
+          "float16": "float16", "fp16": "float16", "float64": "float64"}
 
 
 def _dtype(name: str):

@@ -163,6 +163,11 @@ def _solve(lin: _Linear, zero_min: int) -> None:
     lin.seconds += time.perf_counter() - t0
 
 
+def _hessian_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 Hessians, float64 when the model computes in float64 (used for exact comparisons)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _reduce_hessian(lin: _Linear) -> None:
     """[distributed] Replace lin's Hessian by the one over every rank's tokens (Σ n·H / Σ n)."""
     K = lin.module.in_features
@@ -173,7 +178,7 @@ def _reduce_hessian(lin: _Linear) -> None:
         buf[-1] = h.n
     tot = D.all_sum(buf)
     n = int(tot[-1].item())
-    new = Hessian(K, device=lin.module.weight.device)
+    new = Hessian(K, device=lin.module.weight.device, dtype=_hessian_dtype(lin.module.weight.dtype))
     if n:
         new.H = (tot[:-1].reshape(K, K) / n).to(new.H)
         new.n = n
@@ -269,7 +274,7 @@ class BlockQuantizer:
                                  "overflowed or the source weights are damaged); try dtype float32 or check "
                                  "the source checkpoint")
         if lin.hessian is None:
-            lin.hessian = Hessian(x.shape[-1], device=x.device)
+            lin.hessian = Hessian(x.shape[-1], device=x.device, dtype=_hessian_dtype(x.dtype))
         self._shared.append((x, lin.hessian))
         mask = self.masks[self._chunk]
         t0 = time.perf_counter()
