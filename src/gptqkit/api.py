@@ -1,6 +1,7 @@
 """The Python entry points behind `gptqkit.quantize` and `gptqkit.load`."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any, Sequence
@@ -40,17 +41,18 @@ def quantize(model: str | Path | None, calib: str | Path | Sequence[str] | Seque
     resume=True continues an interrupted run from `<out>.partial` (same inputs required);
     max_memory ('4GB') keeps calibration activations on disk when they would exceed it."""
     from .data import calibration_batches
+    if config is not None and config_kwargs:
+        raise TypeError(f"pass either config or keyword settings, not both (got {sorted(config_kwargs)})")
     config = config or QuantizeConfig(**config_kwargs)
-    if config_kwargs and config is not None and not isinstance(config, QuantizeConfig):
-        raise TypeError("pass either config or keyword settings")
     path = resolve_model(model)
     handle = ModelHandle(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     tok = load_tokenizer(handle.path, trust_remote_code)
     cal = calibration_batches(tok, calib, nsamples=nsamples, seqlen=seqlen, seed=seed)
-    config.meta.setdefault("calibration", {"source": calib if isinstance(calib, (str, Path)) else "<python>",
-                                           "nsamples": int(cal.input_ids.shape[0]),
-                                           "seqlen": int(cal.input_ids.shape[1]), "seed": seed})
-    config.meta["calibration"]["source"] = str(config.meta["calibration"]["source"])
+    # record the calibration in the checkpoint's config, without touching the caller's object
+    source = str(calib) if isinstance(calib, (str, Path)) else "<python>"
+    config = dataclasses.replace(config, meta={**config.meta, "calibration": {
+        "source": source, "nsamples": int(cal.input_ids.shape[0]), "seqlen": int(cal.input_ids.shape[1]),
+        "seed": seed}})
     return quantize_model(handle, cal.input_ids, config, out, attention_mask=cal.attention_mask, tokenizer=tok,
                           batch_size=batch_size, overwrite=overwrite, progress=progress, resume=resume,
                           max_memory=max_memory)
