@@ -40,7 +40,8 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=128)
-    ap.add_argument("--desc-act", action="store_true")
+    ap.add_argument("--desc-act", action=argparse.BooleanOptionalAction, default=None,
+                    help="default: gptqkit's default (act-order with static groups)")
     a = ap.parse_args()
 
     import torch
@@ -65,7 +66,8 @@ def main() -> None:
     rate = matmul_rate(min(T, 8192), H, I)
     tmp = tempfile.mkdtemp(prefix="gptqkit-speed-")
     try:
-        cfg = gptqkit.QuantizeConfig(bits=a.bits, group_size=a.group_size, desc_act=a.desc_act)
+        cfg = gptqkit.QuantizeConfig(bits=a.bits, group_size=a.group_size,
+                                     **({} if a.desc_act is None else {"desc_act": a.desc_act}))
         t0 = time.perf_counter()
         rep = gptqkit.quantize(path, "shakespeare", f"{tmp}/out", cfg, nsamples=a.nsamples, seqlen=a.seqlen,
                                progress=False)
@@ -76,7 +78,8 @@ def main() -> None:
     floor = total / (max(rate, rate_after) * 1e9)
     print(json.dumps({
         "model": str(path), "nsamples": a.nsamples, "seqlen": a.seqlen, "bits": a.bits,
-        "group_size": a.group_size, "desc_act": a.desc_act, "threads": torch.get_num_threads(),
+        "group_size": a.group_size, "desc_act": cfg.desc_act, "static_groups": cfg.static_groups,
+        "threads": torch.get_num_threads(),
         "wall_seconds": round(wall, 2),
         "block_forwards": rep.forwards, "blocks": c.num_hidden_layers,
         "gflop": {"linears": round(lin_flops * c.num_hidden_layers / 1e9, 1),
