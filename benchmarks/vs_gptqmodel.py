@@ -24,7 +24,7 @@ compare `quantize_save_s` for the like-for-like figure.
 
 When `gptqmodel` is not importable the peer rows are skipped (and say so). GPTQModel is
 installed apart from gptqkit's own environment (it pins other versions); see
-BENCHMARKS_GPTQMODEL.md. GPTQMODEL_CPU_WORKERS, when unset, is set to max(2, --threads or the
+BENCHMARKS.md (gptqkit vs GPTQModel). GPTQMODEL_CPU_WORKERS, when unset, is set to max(2, --threads or the
 core count): GPTQModel refuses to start with fewer than 2.
 """
 from __future__ import annotations

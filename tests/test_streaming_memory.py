@@ -1,6 +1,6 @@
 """Streaming: one block's weights in memory at a time, calibration activations on disk under
 max_memory (same bytes as keeping them in memory), and resumable in that mode too. Peak RSS on
-the real model and a 120-block one is measured by benchmarks/memory.py (BENCHMARKS_MEMORY.md)."""
+the real model and a 120-block one is measured by benchmarks/memory.py (BENCHMARKS.md, Memory)."""
 from __future__ import annotations
 
 import os

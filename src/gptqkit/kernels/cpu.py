@@ -174,7 +174,7 @@ class CpuBackend:
     bits_supported = (2, 4, 8)
     # Rows at or above which the BLAS path (tile dequantize + torch.mm) is used. Off by default:
     # the fused kernel reaches the FMA limit and measured 2.3x faster than MKL fp32 at M = 256
-    # (BENCHMARKS_KERNELS.md); set GPTQKIT_CPU_GEMM_MIN_M where a BLAS does better.
+    # (BENCHMARKS.md, Kernels); set GPTQKIT_CPU_GEMM_MIN_M where a BLAS does better.
     gemm_min_m = int(os.environ.get("GPTQKIT_CPU_GEMM_MIN_M", "0")) or (1 << 62)
     tile_bytes = 4 << 20  # fp32 bytes of one dequantized tile on the BLAS path
 
