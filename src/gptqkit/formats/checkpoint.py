@@ -99,18 +99,23 @@ class ShardWriter:
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
             (self.tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         (self.tmp / COMPLETE_MARK).write_text("")
-        old = None
-        if self.out.exists():  # os.replace cannot replace a non-empty folder
-            if not self.overwrite:
-                raise CheckpointError(f"{self.out} appeared while writing; the checkpoint is left in {self.tmp}")
-            old = self.out.with_name(self.out.name + ".old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(self.out, old)
-        os.replace(self.tmp, self.out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return self.out
+        return publish(self.tmp, self.out, self.overwrite)
+
+
+def publish(tmp: Path, out: Path, overwrite: bool) -> Path:
+    """Rename a finished `<out>.partial` folder to `out` (replacing an old `out` if allowed)."""
+    old = None
+    if out.exists():  # os.replace cannot replace a non-empty folder
+        if not overwrite:
+            raise CheckpointError(f"{out} appeared while writing; the checkpoint is left in {tmp}")
+        old = out.with_name(out.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return out
 
 
 def _inside(folder: Path, name: str) -> Path:

@@ -34,7 +34,8 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, ResumeError
-from ..formats.checkpoint import COMPLETE_MARK, assemble_shards, read_header, write_error, write_safetensors
+from ..formats.checkpoint import (COMPLETE_MARK, assemble_shards, publish, read_header, write_error,
+                                  write_safetensors)
 
 log = logging.getLogger(__name__)
 
@@ -200,18 +201,7 @@ class RunDir:
         shutil.rmtree(self.tmp / "hidden")
         (self.tmp / COMPLETE_MARK).write_text("")
         _fsync_dir(self.tmp)
-        old = None
-        if self.out.exists():  # os.replace cannot replace a non-empty folder
-            if not self.overwrite:
-                raise CheckpointError(f"{self.out} appeared while writing; the checkpoint is left in {self.tmp}")
-            old = self.out.with_name(self.out.name + ".old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(self.out, old)
-        os.replace(self.tmp, self.out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return self.out
+        return publish(self.tmp, self.out, self.overwrite)
 
 
 def fault_hook(point: str, block: int) -> None:
