@@ -173,7 +173,6 @@ def cmd_inspect(a) -> int:
                     n *= s
                 if k.endswith(".qweight"):
                     name = k[: -len(".qweight")]
-                    K, N = shape[0] * 32, shape[1]
                     layers[name] = {"qweight_shape": shape}
                     qparams += n * 32  # bits-agnostic: words x 32 bits
                 elif not k.endswith((".qzeros", ".scales", ".g_idx")):
