@@ -371,6 +371,18 @@ def _first(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def _run_until_stopped(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                       chunk_size: int) -> None:
+    """Run the model over each chunk of sequences; a hook raising _Stop ends that chunk's forward."""
+    with torch.inference_mode():
+        for s in range(0, input_ids.shape[0], chunk_size):
+            am = attention_mask[s:s + chunk_size] if attention_mask is not None else None
+            try:
+                model(input_ids=input_ids[s:s + chunk_size], attention_mask=am, use_cache=False)
+            except _Stop:
+                pass
+
+
 def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor,
                          attention_mask: torch.Tensor | None, chunk_size: int, keep=None
                          ) -> list[tuple[tuple, dict]]:
@@ -386,13 +398,7 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: tor
 
     h = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        with torch.inference_mode():
-            for s in range(0, input_ids.shape[0], chunk_size):
-                am = attention_mask[s:s + chunk_size] if attention_mask is not None else None
-                try:
-                    model(input_ids=input_ids[s:s + chunk_size], attention_mask=am, use_cache=False)
-                except _Stop:
-                    pass
+        _run_until_stopped(model, input_ids, attention_mask, chunk_size)
     finally:
         h.remove()
     if len(captured) != -(-input_ids.shape[0] // chunk_size):
@@ -435,13 +441,7 @@ def capture_per_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids:
     for i, b in enumerate(blocks):
         b.forward = stub(i)  # instance attribute shadows the class's forward
     try:
-        with torch.inference_mode():
-            for s in range(0, input_ids.shape[0], chunk_size):
-                am = attention_mask[s:s + chunk_size] if attention_mask is not None else None
-                try:
-                    model(input_ids=input_ids[s:s + chunk_size], attention_mask=am, use_cache=False)
-                except _Stop:
-                    pass
+        _run_until_stopped(model, input_ids, attention_mask, chunk_size)
     except Exception as e:  # noqa: BLE001 - any failure means: fall back to block 0's kwargs
         log.info("per-block input capture failed (%s: %s); every block replays block 0's inputs",
                  type(e).__name__, e)
