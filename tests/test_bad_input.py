@@ -20,12 +20,7 @@ from gptqkit.models.pipeline import quantize_model
 from gptqkit.models.source import ModelHandle
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from _arch_helpers import one_thread  # noqa: E402,F401 (autouse fixture: one torch thread)
 
 
 def _ids(n: int = 2, L: int = 16) -> torch.Tensor:
