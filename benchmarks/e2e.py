@@ -4,7 +4,8 @@
     python benchmarks/e2e.py --table e2e.json                       # markdown tables
 
 Variants: `fp32` / `bf16` (AutoModelForCausalLM.from_pretrained(base, dtype=...)), `q4` (the GPTQ
-checkpoint loaded with gptqkit.load, default backend) and `q4-torch` (same, backend="torch").
+checkpoint loaded with gptqkit.load, default backend, fp32 activations), `q4-bf16` (the same with
+dtype=torch.bfloat16: bf16 activations and non-quantized weights) and `q4-torch` (backend="torch").
 Each measurement runs in its own fresh subprocess (so RSS figures are that variant's alone), and
 the rounds are interleaved: round 1 runs every variant once, then round 2, ... ; the report gives
 the median over rounds (and every round's values).
@@ -36,7 +37,7 @@ import subprocess
 import sys
 import time
 
-VARIANTS = ("fp32", "bf16", "q4", "q4-torch")
+VARIANTS = ("fp32", "bf16", "q4", "q4-bf16", "q4-torch")
 
 
 def log(*a) -> None:
@@ -66,7 +67,8 @@ def worker(a) -> dict:
         model = AutoModelForCausalLM.from_pretrained(a.base, dtype=dtype)
     else:
         import gptqkit
-        model = gptqkit.load(a.q4, backend="torch" if a.variant == "q4-torch" else None)
+        model = gptqkit.load(a.q4, backend="torch" if a.variant == "q4-torch" else None,
+                             dtype=torch.bfloat16 if a.variant == "q4-bf16" else None)
     model.eval()
     load_s = time.perf_counter() - t0
     gc.collect()

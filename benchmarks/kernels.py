@@ -75,17 +75,18 @@ def copies(n: int, make):
 
 def markdown(doc: dict) -> str:
     """A markdown table of a JSON document this script printed."""
-    cols = [("cpu_ms", "cpu"), ("dense_fp32_ms", "fp32 mm"), ("dense_bf16_ms", "bf16 mm"),
+    cols = [("cpu_ms", "cpu (fp32 x)"), ("cpu_bf16_ms", "cpu (bf16 x)"), ("dense_fp32_ms", "fp32 mm"), ("dense_bf16_ms", "bf16 mm"),
             ("aten_int4_fp32_ms", "aten int4 (fp32 x)"), ("aten_int4_bf16_ms", "aten int4 (bf16 x)"),
             ("torch_backend_ms", "torch backend"), ("floor_ms", "floor")]
     head = "| K×N | bits | M | " + " | ".join(c[1] + " ms" for c in cols) + \
-           " | vs fp32 | vs best aten | cpu / floor |"
+           " | cpu vs fp32 mm | cpu vs best aten | cpu bf16 vs aten bf16 | cpu / floor |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in doc["results"]:
         cells = [f"{r['K']}×{r['N']}", str(r["bits"]), str(r["M"])]
         cells += [f"{r[k]:.3f}" if k in r else "–" for k, _ in cols]
         cells += [f"{r['speedup_vs_fp32']:.2f}×" if "speedup_vs_fp32" in r else "–",
                   f"{r['speedup_vs_aten_int4']:.2f}×" if "speedup_vs_aten_int4" in r else "–",
+                  f"{r['bf16_speedup_vs_aten_bf16']:.2f}×" if "bf16_speedup_vs_aten_bf16" in r else "–",
                   f"{r['x_floor']:.2f}" if "x_floor" in r else "–"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -143,19 +144,26 @@ def main() -> None:
             group = min(args.group, K) if args.group != -1 else K
             base = make_layer(K, N, bits, group, gen)
             layers = {}
-            for be in ("cpu", "torch"):
-                if be == "cpu" and not lib_ok:
+            # "cpu": the layer as gptqkit.load prepares it for an fp32 model, "cpu_bf16" for a
+            # bf16 model (the kernel is chosen per model dtype, see kernels/cpu.py)
+            for be, dt in (("cpu", torch.float32), ("cpu_bf16", torch.bfloat16), ("torch", torch.float32)):
+                if be.startswith("cpu") and not lib_ok:
                     continue
                 if be == "torch" and args.no_torch_backend:
                     continue
+                be_name = be.split("_")[0]
+                base.compute_dtype = dt
                 l0 = copy.deepcopy(base)
-                l0.post_init(be)
-                if be == "cpu":
+                l0.post_init(be_name)
+                if be_name == "cpu":
                     nbytes = l0._cpu_w.numel() + 2 * 4 * l0._cpu_s.numel()
                     ls = [l0]
                     for _ in range(int(rot // nbytes) - 1):
-                        lc = copy.copy(l0)
-                        lc._cpu_w, lc._cpu_s, lc._cpu_sz = l0._cpu_w.clone(), l0._cpu_s.clone(), l0._cpu_sz.clone()
+                        # a full copy prepared on its own: the M = 1 fast path calls the kernel
+                        # through a C struct of pointers built at prepare time, so copies that
+                        # only clone the tensors would all read l0's weights (L3-resident)
+                        lc = copy.deepcopy(base)
+                        lc.post_init(be_name)
                         ls.append(lc)
                     layers[be] = ls
                 else:
@@ -183,6 +191,9 @@ def main() -> None:
                     if "cpu" in layers:
                         ls = layers["cpu"]
                         row["cpu_ms"] = timeit(lambda i: ls[i % len(ls)](x32))
+                    if "cpu_bf16" in layers:
+                        lb = layers["cpu_bf16"]
+                        row["cpu_bf16_ms"] = timeit(lambda i: lb[i % len(lb)](x16))
                     if "torch" in layers and (M <= 64 or K * N <= 4096 * 4096):
                         lt = layers["torch"][0]
                         row["torch_backend_ms"] = timeit(lambda i: lt(x32), min_time=0.1, max_iter=10, min_iter=3)
@@ -203,6 +214,10 @@ def main() -> None:
                     if "aten_int4_bf16_ms" in row:
                         row["speedup_vs_aten_int4"] = round(min(row["aten_int4_fp32_ms"], row["aten_int4_bf16_ms"]) / c, 2)
                     row["x_floor"] = round(c / row["floor_ms"], 2)
+                    if "aten_int4_bf16_ms" in row:
+                        row["bf16_speedup_vs_aten_bf16"] = round(row["aten_int4_bf16_ms"] / row["cpu_bf16_ms"], 2)
+                    row["kernel_fp32_model"] = "bf16 dot-product" if layers["cpu"][0]._cpu_dp else "fma"
+                    row["kernel_bf16_model"] = "bf16 dot-product" if layers["cpu_bf16"][0]._cpu_dp else "fma"
                 log(json.dumps(row))
                 results.append(row)
             del layers, aten

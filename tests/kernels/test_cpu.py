@@ -17,17 +17,35 @@ SHAPES = [(96, 77, 64), (160, 33, 128), (224, 130, 32), (256, 64, -1)]
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+# which compiled kernel: "fma" (zero-extend/convert/FMA, every bit width) or "dp" (AVX-512 BF16
+# dot products, 4-bit, group runs of whole octets); dp cases run only where the CPU has it
+KERNELS = ["fma", pytest.param("dp", marks=pytest.mark.skipif(
+    not cpu.dp_available(), reason="no AVX-512 BF16 dot-product kernel on this CPU"))]
+
+
+@pytest.fixture
+def kernel(request, monkeypatch):
+    monkeypatch.setattr(cpu.CpuBackend, "use_dp", "1" if request.param == "dp" else "0")
+    return request.param
+
+
+@pytest.mark.parametrize("bits,kernel", [(2, "fma"), (3, "fma"), (4, "fma"),
+                                         pytest.param(3, "dp", marks=KERNELS[1].marks),
+                                         pytest.param(4, "dp", marks=KERNELS[1].marks), (8, "fma")],
+                         indirect=["kernel"])
 @pytest.mark.parametrize("sym", [True, False])
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("fmt", ["gptq", "gptq_v2"])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_matches_torch_backend(make_layer, make_pair, relerr, bits, sym, act_order, fmt, shape):
+def test_matches_torch_backend(make_layer, make_pair, relerr, kernel, bits, sym, act_order, fmt, shape):
     K, N, g = shape
     layer, ref = make_pair(make_layer(K, N, bits, g, sym=sym, fmt=fmt, act_order=act_order, bias=True,
                                       seed=bits * 7 + K), "cpu")
     assert layer.backend.name == "cpu"
     assert (layer._cpu_perm is not None) == (act_order and g != -1)  # one group: no permutation needed
+    # act-order groups of the test layers are exactly g rows each (after the permutation), so the
+    # dot-product kernel takes every 3/4-bit case here
+    assert layer._cpu_dp == (kernel == "dp")
     gen = torch.Generator().manual_seed(K + N)
     # fused kernel: 1..8 rows and 40 rows (6-row tiles and every remainder)
     for M in (1, 3, 5, 8, 40):
@@ -39,9 +57,11 @@ def test_matches_torch_backend(make_layer, make_pair, relerr, bits, sym, act_ord
     assert relerr(layer(x), ref(x)) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("kernel", KERNELS, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_inputs_and_3d(make_layer, make_pair, relerr, dtype):
+def test_half_inputs_and_3d(make_layer, make_pair, relerr, kernel, dtype):
     layer, ref = make_pair(make_layer(160, 77, 4, 64, sym=False, fmt="gptq_v2", act_order=True), "cpu")
+    assert layer._cpu_dp == (kernel == "dp")
     x = torch.randn(2, 3, 160).to(dtype)
     y = layer(x)
     assert y.shape == (2, 3, 77) and y.dtype == dtype
@@ -49,7 +69,8 @@ def test_half_inputs_and_3d(make_layer, make_pair, relerr, dtype):
     assert relerr(ref(x).float(), (x.double() @ ref.weight.double().T).float()) < TOL[dtype]
 
 
-def test_gemm_threshold_paths_agree(make_layer, make_pair, relerr, monkeypatch):
+@pytest.mark.parametrize("kernel", KERNELS, indirect=True)
+def test_gemm_threshold_paths_agree(make_layer, make_pair, relerr, monkeypatch, kernel):
     layer, ref = make_pair(make_layer(256, 200, 4, 128, sym=True, act_order=True), "cpu")
     x = torch.randn(48, 256)
     monkeypatch.setattr(cpu.CpuBackend, "gemm_min_m", 32)
@@ -68,9 +89,9 @@ def test_auto_choice_and_errors(make_layer):
     layer.post_init()
     assert layer.backend.name == "cpu"
     three = make_layer(96, 40, 3, 32)
-    assert choose_backend(three, torch.device("cpu")).name == "torch"  # no 3-bit CPU kernel
-    with pytest.raises(BackendError, match="3-bit"):
-        three.post_init("cpu")
+    assert choose_backend(three, torch.device("cpu")).name == "cpu"  # 3-bit runs as 4-bit nibbles
+    with pytest.raises(BackendError, match="is not a CPU"):
+        choose_backend(three, torch.device("meta"), "cpu")
     with pytest.raises(BackendError, match="unknown backend"):
         layer.post_init("nope")
 
@@ -107,3 +128,56 @@ def test_repack_layout():
     for col in range(70 - 64):
         h, i, lane = col // 32, (col // 16) % 2, col % 16
         assert (int(b[16 * h + lane]) >> (4 * i)) & 15 == int(q[3, 64 + col])
+
+
+def test_repack_dp_layout():
+    K, N = 24, 70
+    q = torch.randint(0, 16, (K, N))
+    packed = cpu.repack_dp(q)  # [nblk=2, K/8=3, 4 vectors, 64 bytes]
+    assert packed.shape == (2, 3, 4, 64) and packed.dtype == torch.uint8
+    # nibble j of 16-bit word h of 32-bit lane l = code of row 8r + 2j + h, column 64b + 16v + l
+    for b in range(2):
+        for r in range(3):
+            for v in range(4):
+                words = packed[b, r, v].view(torch.int16).long() & 0xFFFF
+                for l in range(16):
+                    n = 64 * b + 16 * v + l
+                    for h in range(2):
+                        for j in range(4):
+                            got = (int(words[2 * l + h]) >> (4 * j)) & 15
+                            assert got == (int(q[8 * r + 2 * j + h, n]) if n < N else 0)
+
+
+@pytest.mark.skipif(not cpu.dp_available(), reason="no AVX-512 BF16 dot-product kernel on this CPU")
+def test_dp_kernel_choice_and_exactness(make_layer, make_pair, relerr, monkeypatch):
+    """auto: bf16/fp16 models get the dot-product kernel, fp32 models the FMA kernel; runs that
+    are not whole octets (a ragged act-order split) fall back to the FMA kernel; bf16 x goes in
+    as is, fp32 x in 3 exact parts, and long groups (g = -1, K = 1024) stay at rounding level."""
+    monkeypatch.setattr(cpu.CpuBackend, "use_dp", "auto")
+    for dtype, want in ((torch.bfloat16, True), (torch.float16, True), (torch.float32, False)):
+        layer = make_layer(128, 64, 4, 32)
+        layer.compute_dtype = dtype
+        layer.post_init("cpu")
+        assert layer._cpu_dp is want, dtype
+    monkeypatch.setattr(cpu.CpuBackend, "use_dp", "1")
+    ragged = make_layer(128, 64, 4, 32)
+    ragged.g_idx.copy_(torch.tensor([0] * 37 + [1] * 27 + [2] * 32 + [3] * 32, dtype=torch.int32))
+    ragged.post_init("cpu")
+    assert not ragged._cpu_dp
+    layer, ref = make_pair(make_layer(1024, 96, 4, -1, sym=False, bias=True), "cpu")
+    assert layer._cpu_dp and layer._cpu_seg.numel() - 1 == 1024 // 128  # long run cut in 8
+    gen = torch.Generator().manual_seed(5)
+    for M in (1, 2, 7):
+        x = torch.randn(M, 1024, generator=gen)
+        exact = x.double() @ ref.weight.double().T + ref.bias.double()
+        assert relerr(layer(x), exact) < 2e-5
+        # bf16 x is used exactly: before its output is rounded to bf16, the kernel's fp32 result
+        # is as close to the exact product as with fp32 x
+        xb = x.bfloat16()
+        y = torch.empty(M, 96)
+        rc = cpu.get_lib().gk_gemv_dp(layer._cpu_w.data_ptr(), layer._cpu_s.data_ptr(), layer._cpu_sz.data_ptr(),
+                                      layer._cpu_seg.data_ptr(), 1024, layer._cpu_seg.numel() - 1, layer._cpu_nblk,
+                                      xb.data_ptr(), 1, 1, M, y.data_ptr(), 96, 1)
+        assert rc == 0
+        assert relerr(y + layer._cpu_bias, xb.double() @ ref.weight.double().T + ref.bias.double()) < 2e-5
+        assert layer(xb).dtype == torch.bfloat16

@@ -104,7 +104,7 @@ def _build() -> ctypes.CDLL:
             os.replace(tmp, out)  # atomic: concurrent builders never see a partial file
         try:
             lib = ctypes.CDLL(str(out))
-            if lib.gk_abi_version() != 2:
+            if lib.gk_abi_version() != 3:
                 raise OSError("ABI version mismatch")
         except OSError as e:
             errors.append(f"{' '.join(flags)}: cannot load {out}: {e}")
@@ -117,6 +117,13 @@ def _build() -> ctypes.CDLL:
         # decode fast path: (struct gk_layer*, X, M, Y, nthreads)
         lib.gk_gemv_layer.argtypes = [p, p, i, p, i]
         lib.gk_gemv_layer.restype = i
+        lib.gk_has_dp.restype = i
+        lib.gk_gemv_dp.argtypes = [p, p, p, p, i, i, i, p, i, i, i, p, i, i]
+        lib.gk_gemv_dp.restype = i
+        lib.gk_gemv_dp_layer.argtypes = [p, p, i, i, i, p, i]
+        lib.gk_gemv_dp_layer.restype = i
+        lib.gk_dequant_dp.argtypes = [p, p, p, p, i, i, i, i, p, i]
+        lib.gk_dequant_dp.restype = i
         log.debug("gptqkit CPU kernel loaded from %s (flags %s)", out, " ".join(flags))
         return lib
     raise RuntimeError("could not build the CPU kernel: " + " | ".join(errors))
@@ -154,6 +161,26 @@ def repack(q: torch.Tensor, bits: int) -> torch.Tensor:
     return byte.reshape(K, nblk, 8 * bits).permute(1, 0, 2).to(torch.uint8).contiguous()
 
 
+def repack_dp(q: torch.Tensor) -> torch.Tensor:
+    """q [K, N] 4-bit codes, K % 8 == 0 -> uint8 [nblk, K/8, 4, 64], the dot-product layout.
+
+    Byte 4·l + 2·h + jb of vector v in octet r holds, in nibble jn, the code of row
+    8·r + 2·(2·jb + jn) + h and column 64·blk + 16·v + l (csrc/cpu_kernels.cpp explains why)."""
+    K, N = q.shape
+    nblk = -(-N // BLOCK)
+    qp = torch.zeros(K, nblk * BLOCK, dtype=torch.uint8)
+    qp[:, :N] = q.to(torch.uint8)
+    t = qp.reshape(K // 8, 2, 2, 2, nblk, 4, 16)            # (r, jb, jn, h, blk, v, l)
+    byte = t[:, :, 0] | (t[:, :, 1] << 4)                   # (r, jb, h, blk, v, l)
+    return byte.permute(3, 0, 4, 5, 2, 1).reshape(nblk, K // 8, 4, 64).contiguous()
+
+
+def dp_available() -> bool:
+    """Whether the compiled kernel has the AVX-512 BF16 dot-product path."""
+    lib = get_lib()
+    return lib is not None and bool(lib.gk_has_dp())
+
+
 class _LayerArgs(ctypes.Structure):
     """The constant arguments of gk_gemv for one layer (C struct gk_layer)."""
     _fields_ = [("W", ctypes.c_void_p), ("S", ctypes.c_void_p), ("SZ", ctypes.c_void_p),
@@ -171,12 +198,17 @@ def _block_params(t: torch.Tensor, nblk: int) -> torch.Tensor:
 
 class CpuBackend:
     name = "cpu"
-    bits_supported = (2, 4, 8)
+    bits_supported = (2, 3, 4, 8)
     # Rows at or above which the BLAS path (tile dequantize + torch.mm) is used. Off by default:
     # the fused kernel reaches the FMA limit and measured 2.3x faster than MKL fp32 at M = 256
     # (BENCHMARKS.md, Kernels); set GPTQKIT_CPU_GEMM_MIN_M where a BLAS does better.
     gemm_min_m = int(os.environ.get("GPTQKIT_CPU_GEMM_MIN_M", "0")) or (1 << 62)
     tile_bytes = 4 << 20  # fp32 bytes of one dequantized tile on the BLAS path
+    # The AVX-512 BF16 dot-product kernel for 4-bit layers: "auto" uses it for bf16/fp16 models
+    # (bf16 x goes in as is; 1.3-2x faster than the FMA kernel, BENCHMARKS.md), and keeps the
+    # FMA kernel for fp32 models, where the dot-product kernel must split x into 3 bf16 parts and
+    # is no faster at M = 1 and slower at M = 4. "1" always, "0" never (GPTQKIT_CPU_DP).
+    use_dp = os.environ.get("GPTQKIT_CPU_DP", "auto")
 
     def supports(self, layer: QuantLinear, device: torch.device) -> str | None:
         if torch.device(device).type != "cpu":
@@ -202,10 +234,32 @@ class CpuBackend:
             gs = g_idx[perm]
         nblk = -(-N // BLOCK)
         s = layer.scales.float().cpu()
-        layer._cpu_w = repack(q, layer.bits)
-        layer._cpu_s = _block_params(s, nblk)
-        layer._cpu_sz = _block_params(s * z.float(), nblk)
-        layer._cpu_seg = torch.searchsorted(gs.contiguous(), torch.arange(G + 1)).to(torch.int32).contiguous()
+        seg = torch.searchsorted(gs.contiguous(), torch.arange(G + 1)).to(torch.int32).contiguous()
+        # the dot-product kernel wants every group run to be whole octets of rows
+        want = self.use_dp not in ("0", False) and (
+            self.use_dp in ("1", True) or layer.compute_dtype in (torch.bfloat16, torch.float16))
+        # 3-bit codes (0..7) are stored as 4-bit nibbles: bytes do not split into 3-bit fields,
+        # and the 4-bit kernels run them at 4-bit speed (the derived copy is 4/3 the packed size)
+        kbits = 4 if layer.bits == 3 else layer.bits
+        layer._cpu_bits = kbits
+        dp = want and kbits == 4 and K % 8 == 0 and bool((seg % 8 == 0).all()) and dp_available()
+        if dp:
+            # the kernel subtracts a bias of 16·sum(x) per run (see the C++ source); cutting long
+            # runs (group_size -1 or > 128) into runs of <= 128 rows keeps that cancellation to
+            # the rounding error of a 128-row group. Sub-runs share their group's parameters.
+            starts = [(r, g) for g in range(G) for r in range(int(seg[g]), int(seg[g + 1]), 128)]
+            gmap = torch.tensor([g for _, g in starts] or [0], dtype=torch.long)
+            seg = torch.tensor([r for r, _ in starts] + [K], dtype=torch.int32)
+            gs = torch.searchsorted(seg, torch.arange(K, dtype=torch.int32), right=True) - 1
+            layer._cpu_w = repack_dp(q)
+            layer._cpu_s = _block_params(s[gmap] * 16, nblk)
+            layer._cpu_sz = _block_params(s[gmap] * (z.float()[gmap] + 16), nblk)
+        else:
+            layer._cpu_w = repack(q, kbits)
+            layer._cpu_s = _block_params(s, nblk)
+            layer._cpu_sz = _block_params(s * z.float(), nblk)
+        layer._cpu_dp = dp
+        layer._cpu_seg = seg
         layer._cpu_gk = gs.to(torch.int32).contiguous()
         layer._cpu_perm = perm
         layer._cpu_nblk = nblk
@@ -214,26 +268,33 @@ class CpuBackend:
         # into the tensors above, which live as long as the layer and are never resized), and
         # the thread count for M = 1 (torch's thread count at call time caps it)
         args = _LayerArgs(layer._cpu_w.data_ptr(), layer._cpu_s.data_ptr(), layer._cpu_sz.data_ptr(),
-                          layer._cpu_seg.data_ptr(), layer.bits, K, layer._cpu_seg.numel() - 1, nblk, N)
+                          layer._cpu_seg.data_ptr(), kbits, K, layer._cpu_seg.numel() - 1, nblk, N)
         layer._cpu_args = args
         layer._cpu_args_ptr = ctypes.addressof(args)
         layer._cpu_nt1 = max(1, min((K * N) >> 19, nblk))
         layer._cpu_fast = perm is None
         self._lib = get_lib()
-        log.debug("%s: cpu backend prepared (%d blocks, act-order permutation: %s)",
-                  layer.describe(), nblk, perm is not None)
+        log.debug("%s: cpu backend prepared (%d blocks, act-order permutation: %s, kernel: %s)",
+                  layer.describe(), nblk, perm is not None, "bf16 dot-product" if dp else "fma")
 
     def forward(self, layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-        # decode fast path (fp32, contiguous, no act-order permutation, fused kernel): no
-        # reshape/copy/convert, one 5-argument ctypes call, output allocated in its final shape
-        if x.dtype is torch.float32 and layer._cpu_fast and x.is_contiguous():
-            N = layer.out_features
-            M = x.numel() // layer.in_features
-            if M == 1:
-                y = torch.empty(x.shape[:-1] + (N,), dtype=torch.float32)
-                nt = layer._cpu_nt1
-                if nt > 1:
-                    nt = min(nt, torch.get_num_threads())
+        # decode fast path (no act-order permutation, contiguous fp32 or, for the dot-product
+        # kernel, bf16 x, M = 1): no reshape/copy/convert, one ctypes call on the layer's struct
+        if layer._cpu_fast and x.is_contiguous() and x.numel() == layer.in_features:
+            nt = layer._cpu_nt1
+            if nt > 1:
+                nt = min(nt, torch.get_num_threads())
+            xd = x.dtype
+            if layer._cpu_dp and (xd is torch.float32 or xd is torch.bfloat16):
+                y = torch.empty(x.shape[:-1] + (layer.out_features,), dtype=torch.float32)
+                bf = xd is torch.bfloat16
+                self._lib.gk_gemv_dp_layer(layer._cpu_args_ptr, x.data_ptr(), int(bf), 1 if bf else 3, 1,
+                                           y.data_ptr(), nt)
+                if layer._cpu_bias is not None:
+                    y += layer._cpu_bias
+                return y.to(xd) if bf else y
+            if xd is torch.float32 and not layer._cpu_dp:
+                y = torch.empty(x.shape[:-1] + (layer.out_features,), dtype=torch.float32)
                 self._lib.gk_gemv_layer(layer._cpu_args_ptr, x.data_ptr(), 1, y.data_ptr(), nt)
                 if layer._cpu_bias is not None:
                     y += layer._cpu_bias
@@ -245,7 +306,14 @@ class CpuBackend:
         x2 = x.reshape(-1, K)
         if layer._cpu_perm is not None:
             x2 = x2.index_select(1, layer._cpu_perm)
-        x2 = x2.to(torch.float32).contiguous()
+        # the dot-product kernel reads bf16 x as is (exact); anything else goes in as fp32, split
+        # into 2 bf16 parts (exact for fp16 values) or 3 (exact for any fp32)
+        if layer._cpu_dp and x2.dtype is torch.bfloat16:
+            xdtype, nsplit = 1, 1
+        else:
+            xdtype, nsplit = 0, (2 if x2.dtype is torch.float16 else 3)
+            x2 = x2.to(torch.float32)
+        x2 = x2.contiguous()
         M = x2.shape[0]
         # torch's thread count, but no more than one thread per ~0.5 M multiply-adds: on tiny
         # layers waking a second thread costs more than it saves
@@ -253,12 +321,17 @@ class CpuBackend:
         if M < self.gemm_min_m:
             y = torch.empty(M, N, dtype=torch.float32)
             if M:
-                rc = lib.gk_gemv(layer._cpu_w.data_ptr(), layer._cpu_s.data_ptr(), layer._cpu_sz.data_ptr(),
-                                 layer._cpu_seg.data_ptr(), layer.bits, K, layer._cpu_seg.numel() - 1,
-                                 layer._cpu_nblk, x2.data_ptr(), M, y.data_ptr(), N, nt)
+                if layer._cpu_dp:
+                    rc = lib.gk_gemv_dp(layer._cpu_w.data_ptr(), layer._cpu_s.data_ptr(), layer._cpu_sz.data_ptr(),
+                                        layer._cpu_seg.data_ptr(), K, layer._cpu_seg.numel() - 1,
+                                        layer._cpu_nblk, x2.data_ptr(), xdtype, nsplit, M, y.data_ptr(), N, nt)
+                else:
+                    rc = lib.gk_gemv(layer._cpu_w.data_ptr(), layer._cpu_s.data_ptr(), layer._cpu_sz.data_ptr(),
+                                     layer._cpu_seg.data_ptr(), layer._cpu_bits, K, layer._cpu_seg.numel() - 1,
+                                     layer._cpu_nblk, x2.data_ptr(), M, y.data_ptr(), N, nt)
                 assert rc == 0
         else:
-            y = self._gemm(layer, lib, x2, nt)
+            y = self._gemm(layer, lib, x2.float(), nt)
         if layer._cpu_bias is not None:
             y += layer._cpu_bias
         return y.to(out_dtype).reshape(*shape[:-1], N)
@@ -274,8 +347,12 @@ class CpuBackend:
         for b0 in range(0, nblk, nb):
             cnt = min(nb, nblk - b0)
             t = tile if cnt == nb else torch.empty(K, cnt * BLOCK, dtype=torch.float32)
-            rc = lib.gk_dequant(layer._cpu_w.data_ptr(), layer._cpu_s.data_ptr(), layer._cpu_sz.data_ptr(),
-                                layer._cpu_gk.data_ptr(), layer.bits, K, G, b0, cnt, t.data_ptr(), nt)
+            if layer._cpu_dp:
+                rc = lib.gk_dequant_dp(layer._cpu_w.data_ptr(), layer._cpu_s.data_ptr(), layer._cpu_sz.data_ptr(),
+                                       layer._cpu_gk.data_ptr(), K, G, b0, cnt, t.data_ptr(), nt)
+            else:
+                rc = lib.gk_dequant(layer._cpu_w.data_ptr(), layer._cpu_s.data_ptr(), layer._cpu_sz.data_ptr(),
+                                    layer._cpu_gk.data_ptr(), layer._cpu_bits, K, G, b0, cnt, t.data_ptr(), nt)
             assert rc == 0
             n0, n1 = b0 * BLOCK, min(N, (b0 + cnt) * BLOCK)
             if n1 - n0 == t.shape[1] and nblk == cnt:

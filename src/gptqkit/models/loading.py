@@ -116,6 +116,9 @@ def load_quantized(path: str | Path, *, backend: str | None = None, device: str 
             m.post_init(backend)
             chosen[m.backend.name] = chosen.get(m.backend.name, 0) + 1
     log.info("loaded %s: %d quantized layers, backends %s", path, len(qnames), chosen)
+    del tensors, state
+    from .pipeline import release_heap
+    release_heap()  # the checkpoint's read buffers and the kernels' unpacking scratch
     model.eval()
     model.quantize_config = qcfg
     # what transformers' save_pretrained writes into config.json, so a re-saved model is a GPTQ checkpoint

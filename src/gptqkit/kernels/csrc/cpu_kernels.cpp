@@ -87,6 +87,9 @@ static void block_rows(const uint8_t* __restrict Wb, const float* __restrict Sb,
             // the loop, so unroll K by 2 into a second set of accumulators
             v16f acc2[4] = {};
             for (; k + 2 <= k1; k += 2, p += 2 * B) {
+#if defined(GK_PF_FMA)
+                for (int c = 0; c < 2 * B; c += 64) __builtin_prefetch(p + GK_PF_FMA + c, 0, 3);
+#endif
                 v16f w[4], u[4];
                 decode<BITS>(p, w);
                 decode<BITS>(p + B, u);
@@ -196,8 +199,177 @@ static void dequant_impl(const uint8_t* W, const float* S, const float* SZ, cons
         }
 }
 
+// ---------------------------------------------------------------------------------------------
+// 4-bit "dot-product" kernel (AVX-512 BF16): two bf16 weights per 32-bit lane, one VDPBF16PS per
+// 32 multiply-adds. About 3 vector ops per 32 weights instead of 7 for zero-extend/convert/FMA,
+// so a core streams codes about twice as fast; used for 4-bit layers whose group runs are whole
+// multiples of 8 rows (every standard group size), the generic kernel above for the rest.
+//
+// Layout WD: uint8 [nblk, K/8, 4, 64]. For block b, row octet r (rows 8r..8r+7) and column
+// vector v (columns 64b+16v .. +15), 64 bytes = 16 lanes x 2 words x 4 nibbles: nibble j of
+// 16-bit word h in 32-bit lane l holds the code of row 8r+2j+h, column 64b+16v+l. So one shift
+// and one AND/OR (vpternlogd) turn nibble j of all 32 words into 32 bf16 numbers, each lane a
+// (row 8r+2j, row 8r+2j+1) pair that multiplies the broadcast pair x[8r+2j], x[8r+2j+1].
+//
+// A code q is placed in the top 4 of bf16's 7 mantissa bits under the exponent of 1.0, which
+// makes the exact bf16 number w' = 1 + q/16 (no conversion instruction). Products of bf16
+// numbers are exact in fp32, so the only rounding is fp32 accumulation, as in the FMA kernel:
+//   sum_k x_k (q_k - z) = 16 sum_k x_k w'_k - (16 + z) sum_k x_k
+// with S16 = 16 s and SZ16 = s (16 + z) per group and column (fp32 tables, like S and SZ).
+// fp32 activations are split into NS = 3 bf16 parts (hi + mid + lo == x exactly), fp16 into 2,
+// bf16 is used as is (NS = 1): the result is as exact as the FMA kernel's.
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define GK_HAS_DP 1
+#ifndef GK_PF
+#define GK_PF 4096  // software prefetch distance in bytes
+#endif
+
+template <int J>
+static inline __m512bh nib_bf16(__m512i t) {
+    const __m512i mask = _mm512_set1_epi32(0x00780078), one = _mm512_set1_epi32(0x3F803F80);
+    __m512i u;
+    if constexpr (J == 0) u = _mm512_slli_epi32(t, 3);
+    else u = _mm512_srli_epi32(t, 4 * J - 3);
+    return (__m512bh)_mm512_ternarylogic_epi32(u, mask, one, 0xEA);  // (u & mask) | one
+}
+
+// MR rows of x (each as NS bf16 parts: XB[(r * NS + s) * ldp + pair]) against one 64-column block
+template <int MR, int NS>
+static void block_rows_dp(const uint8_t* __restrict Wb, const float* __restrict Sb,
+                          const float* __restrict SZb, const int32_t* __restrict seg, int G,
+                          const uint32_t* __restrict XB, int ldp, const float* __restrict XS,
+                          float* __restrict Y, int ldy, int ncols) {
+    // one row has only 4 accumulator chains per set; rotate over 4 sets (one per nibble) so that
+    // VDPBF16PS latency is hidden; more rows give enough chains with one set
+    constexpr int SETS = (MR * NS >= 4) ? 1 : (MR * NS >= 2 ? 2 : 4);
+    __m512 y[MR][4];
+    for (int r = 0; r < MR; ++r)
+        for (int v = 0; v < 4; ++v) y[r][v] = _mm512_setzero_ps();
+    for (int g = 0; g < G; ++g) {
+        const int r0 = seg[g] >> 3, r1 = seg[g + 1] >> 3;
+        if (r0 == r1) continue;
+        __m512 acc[SETS][MR][4];
+        for (int e = 0; e < SETS; ++e)
+            for (int r = 0; r < MR; ++r)
+                for (int v = 0; v < 4; ++v) acc[e][r][v] = _mm512_setzero_ps();
+        const uint8_t* p = Wb + (size_t)r0 * 256;
+        for (int o = r0; o < r1; ++o, p += 256) {
+            __m512i t[4];
+            for (int v = 0; v < 4; ++v) t[v] = _mm512_loadu_si512(p + 64 * v);
+            // a block's codes are one contiguous stream, but the hardware prefetcher alone left
+            // M = 1 at ~70 % of the read bandwidth; 4 KiB ahead measured best (BENCHMARKS.md)
+            for (int v = 0; v < 4; ++v) _mm_prefetch((const char*)(p + GK_PF + 64 * v), _MM_HINT_T0);
+#define GK_DP_NIBBLE(J)                                                                        \
+            for (int v = 0; v < 4; ++v) {                                                      \
+                const __m512bh w = nib_bf16<J>(t[v]);                                          \
+                for (int r = 0; r < MR; ++r)                                                   \
+                    for (int s = 0; s < NS; ++s)                                               \
+                        acc[(J) % SETS][r][v] = _mm512_dpbf16_ps(acc[(J) % SETS][r][v], w,     \
+                            (__m512bh)_mm512_set1_epi32((int)XB[(size_t)(r * NS + s) * ldp + 4 * o + (J)])); \
+            }
+            GK_DP_NIBBLE(0) GK_DP_NIBBLE(1) GK_DP_NIBBLE(2) GK_DP_NIBBLE(3)
+#undef GK_DP_NIBBLE
+        }
+        for (int e = 1; e < SETS; ++e)
+            for (int r = 0; r < MR; ++r)
+                for (int v = 0; v < 4; ++v) acc[0][r][v] = _mm512_add_ps(acc[0][r][v], acc[e][r][v]);
+        const float* s = Sb + (size_t)g * 64;
+        const float* sz = SZb + (size_t)g * 64;
+        for (int v = 0; v < 4; ++v) {
+            const __m512 sv = _mm512_loadu_ps(s + 16 * v), szv = _mm512_loadu_ps(sz + 16 * v);
+            for (int r = 0; r < MR; ++r)
+                y[r][v] = _mm512_fnmadd_ps(szv, _mm512_set1_ps(XS[(size_t)r * G + g]),
+                                           _mm512_fmadd_ps(sv, acc[0][r][v], y[r][v]));
+        }
+    }
+    for (int r = 0; r < MR; ++r) {
+        float tmp[64];
+        for (int v = 0; v < 4; ++v) _mm512_storeu_ps(tmp + 16 * v, y[r][v]);
+        memcpy(Y + (size_t)r * ldy, tmp, sizeof(float) * ncols);
+    }
+}
+
+static inline float bf16_to_f(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
+
+// x [M, K] (fp32 or bf16) -> NS bf16 parts per row, XB [M][NS][K] (as K/2 pairs), and the
+// per-group sums of the represented x (XS [M, G]), which the zero-point term needs.
+template <int NS>
+static void split_x(const void* X, int xbf16, int M, int K, int G, const int32_t* seg,
+                    uint16_t* XB, float* XS) {
+    for (int m = 0; m < M; ++m) {
+        uint16_t* out = XB + (size_t)m * NS * K;
+        if (xbf16) {
+            memcpy(out, (const uint16_t*)X + (size_t)m * K, sizeof(uint16_t) * K);
+        } else {
+            const float* x = (const float*)X + (size_t)m * K;
+            int k = 0;
+            for (; k + 16 <= K; k += 16) {
+                __m512 r = _mm512_loadu_ps(x + k);
+                for (int s = 0; s < NS; ++s) {
+                    const __m256bh h = _mm512_cvtneps_pbh(r);
+                    _mm256_storeu_si256((__m256i*)(out + (size_t)s * K + k), (__m256i)h);
+                    r = _mm512_sub_ps(r, _mm512_castsi512_ps(_mm512_slli_epi32(
+                            _mm512_cvtepu16_epi32((__m256i)h), 16)));
+                }
+            }
+            for (; k < K; ++k) {
+                float r = x[k];
+                for (int s = 0; s < NS; ++s) {
+                    uint32_t u; memcpy(&u, &r, 4);
+                    const uint16_t h = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+                    out[(size_t)s * K + k] = h;
+                    r -= bf16_to_f(h);
+                }
+            }
+        }
+        for (int g = 0; g < G; ++g) {
+            float a = 0.f;
+            for (int s = 0; s < NS; ++s)
+                for (int k = seg[g]; k < seg[g + 1]; ++k) a += bf16_to_f(out[(size_t)s * K + k]);
+            XS[(size_t)m * G + g] = a;
+        }
+    }
+}
+
+template <int NS>
+static void gemv_dp_impl(const uint8_t* W, const float* S16, const float* SZ16, const int32_t* seg,
+                         int K, int G, int nblk, const void* X, int xbf16, int M, float* Y, int N,
+                         int nthreads) {
+    uint16_t xb_stack[3 * 4096];
+    float xs_stack[512];
+    const size_t nxb = (size_t)M * NS * K;
+    uint16_t* XB = nxb <= 3 * 4096 ? xb_stack : (uint16_t*)malloc(sizeof(uint16_t) * nxb + 64);
+    float* XS = (size_t)M * G <= 512 ? xs_stack : (float*)malloc(sizeof(float) * (size_t)M * G + 64);
+    split_x<NS>(X, xbf16, M, K, G, seg, XB, XS);
+    const uint32_t* XP = (const uint32_t*)XB;
+    const int ldp = K / 2;
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1) if (nthreads > 1)
+    for (int j = 0; j < nblk; ++j) {
+        const uint8_t* Wb = W + (size_t)j * K * 32;
+        const float* Sb = S16 + (size_t)j * G * 64;
+        const float* SZb = SZ16 + (size_t)j * G * 64;
+        const int ncols = (N - 64 * j) < 64 ? (N - 64 * j) : 64;
+        float* Yb = Y + 64 * (size_t)j;
+        constexpr int MR = NS == 1 ? 6 : (NS == 2 ? 3 : 2);
+        int m = 0;
+        for (; m + MR <= M; m += MR)
+            block_rows_dp<MR, NS>(Wb, Sb, SZb, seg, G, XP + (size_t)m * NS * ldp, ldp, XS + (size_t)m * G,
+                                  Yb + (size_t)m * N, N, ncols);
+        for (; m < M; ++m)
+            block_rows_dp<1, NS>(Wb, Sb, SZb, seg, G, XP + (size_t)m * NS * ldp, ldp, XS + (size_t)m * G,
+                                 Yb + (size_t)m * N, N, ncols);
+    }
+    if (XB != xb_stack) free(XB);
+    if (XS != xs_stack) free(XS);
+}
+#else
+#define GK_HAS_DP 0
+#endif
+
 extern "C" {
-int gk_abi_version(void) { return 2; }
+int gk_abi_version(void) { return 3; }
+int gk_has_dp(void) { return GK_HAS_DP; }
+
 
 int gk_gemv(const uint8_t* W, const float* S, const float* SZ, const int32_t* seg, int bits,
             int K, int G, int nblk, const float* X, int M, float* Y, int N, int nthreads) {
@@ -228,5 +400,52 @@ int gk_dequant(const uint8_t* W, const float* S, const float* SZ, const int32_t*
         case 8: dequant_impl<8>(W, S, SZ, gk, K, G, blk0, nb, out, nthreads); return 0;
     }
     return -1;
+}
+// 4-bit dot-product kernel (see above): x is fp32 (xdtype 0) or bf16 (xdtype 1); nsplit = bf16
+// parts per x element (1 for bf16 x, 2 enough for fp16-valued x, 3 for any fp32). -2 if absent.
+int gk_gemv_dp(const uint8_t* W, const float* S16, const float* SZ16, const int32_t* seg, int K,
+               int G, int nblk, const void* X, int xdtype, int nsplit, int M, float* Y, int N,
+               int nthreads) {
+#if GK_HAS_DP
+    if (K % 8) return -1;
+    switch (nsplit) {
+        case 1: gemv_dp_impl<1>(W, S16, SZ16, seg, K, G, nblk, X, xdtype, M, Y, N, nthreads); return 0;
+        case 2: gemv_dp_impl<2>(W, S16, SZ16, seg, K, G, nblk, X, xdtype, M, Y, N, nthreads); return 0;
+        case 3: gemv_dp_impl<3>(W, S16, SZ16, seg, K, G, nblk, X, xdtype, M, Y, N, nthreads); return 0;
+    }
+    return -1;
+#else
+    (void)W; (void)S16; (void)SZ16; (void)seg; (void)K; (void)G; (void)nblk; (void)X; (void)xdtype;
+    (void)nsplit; (void)M; (void)Y; (void)N; (void)nthreads;
+    return -2;
+#endif
+}
+
+int gk_gemv_dp_layer(const gk_layer* L, const void* X, int xdtype, int nsplit, int M, float* Y,
+                     int nthreads) {
+    return gk_gemv_dp(L->W, L->S, L->SZ, L->seg, L->K, L->G, L->nblk, X, xdtype, nsplit, M, Y, L->N,
+                      nthreads);
+}
+// Dequantize output blocks [blk0, blk0 + nb) of the dot-product layout into out [K, nb*64] fp32
+// (the optional BLAS path): w = S16 * (1 + q/16) - SZ16 = s (q - z). Portable code, any CPU.
+int gk_dequant_dp(const uint8_t* W, const float* S16, const float* SZ16, const int32_t* gk, int K,
+                  int G, int blk0, int nb, float* out, int nthreads) {
+    if (K % 8) return -1;
+    const int ldo = nb * 64;
+#pragma omp parallel for collapse(2) num_threads(nthreads) schedule(static)
+    for (int jb = 0; jb < nb; ++jb)
+        for (int k = 0; k < K; ++k) {
+            const int j = blk0 + jb, o = k >> 3, jj = (k & 7) >> 1, h = k & 1;
+            const uint8_t* p = W + (size_t)j * K * 32 + (size_t)o * 256 + 2 * h + (jj >> 1);
+            const float* s = S16 + ((size_t)j * G + gk[k]) * 64;
+            const float* sz = SZ16 + ((size_t)j * G + gk[k]) * 64;
+            float* dst = out + (size_t)k * ldo + 64 * jb;
+            for (int c = 0; c < 64; ++c) {
+                const uint8_t b = p[64 * (c >> 4) + 4 * (c & 15)];
+                const int q = (jj & 1) ? (b >> 4) : (b & 15);
+                dst[c] = s[c] * (1.0f + (float)q * 0.0625f) - sz[c];
+            }
+        }
+    return 0;
 }
 }
