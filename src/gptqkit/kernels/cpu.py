@@ -1,6 +1,6 @@
 """The "cpu" backend: fused dequantize-GEMV in C++ (AVX2/AVX-512 via -march=native, OpenMP).
 
-* Decode (M = 1): one pass over a repacked copy of the 4/8/2-bit
+* Decode (M = 1): one pass over a repacked copy of the 2/3/4/8-bit
   codes; codes are zero-extended and converted in registers and accumulated in fp32, with
   scale and scale·zero applied once per group (w = s·q − s·z). Memory-bound at M = 1.
 * Any batch: the same kernel takes 6 rows of x (4 without AVX-512) per pass over a weight block
@@ -9,6 +9,9 @@
   output columns to fp32 (a few MiB at a time, never the whole matrix) and calls torch.mm.
 * Act-order: rows of the weights are permuted once at prepare time so that every group is a
   contiguous run; each call permutes x's columns with one index_select.
+* bf16/fp16 models, 4-bit (and 3-bit, held as 4-bit nibbles): an AVX-512 BF16 dot-product
+  kernel (`repack_dp` layout) that reads bf16 activations as they are; fp32 models keep the
+  FMA kernel above (see `CpuBackend.use_dp`).
 
 The C++ source (csrc/cpu_kernels.cpp) is compiled at first use with the system C++ compiler
 (`$CXX` or g++/c++), no torch headers and no ninja needed, and cached per user under
