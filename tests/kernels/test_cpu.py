@@ -19,8 +19,8 @@ TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
 # which compiled kernel: "fma" (zero-extend/convert/FMA, every bit width) or "dp" (AVX-512 BF16
 # dot products, 4-bit, group runs of whole octets); dp cases run only where the CPU has it
-KERNELS = ["fma", pytest.param("dp", marks=pytest.mark.skipif(
-    not cpu.dp_available(), reason="no AVX-512 BF16 dot-product kernel on this CPU"))]
+needs_dp = pytest.mark.skipif(not cpu.dp_available(), reason="no AVX-512 BF16 dot-product kernel on this CPU")
+KERNELS = ["fma", pytest.param("dp", marks=needs_dp)]
 
 
 @pytest.fixture
@@ -30,8 +30,8 @@ def kernel(request, monkeypatch):
 
 
 @pytest.mark.parametrize("bits,kernel", [(2, "fma"), (3, "fma"), (4, "fma"),
-                                         pytest.param(3, "dp", marks=KERNELS[1].marks),
-                                         pytest.param(4, "dp", marks=KERNELS[1].marks), (8, "fma")],
+                                         pytest.param(3, "dp", marks=needs_dp),
+                                         pytest.param(4, "dp", marks=needs_dp), (8, "fma")],
                          indirect=["kernel"])
 @pytest.mark.parametrize("sym", [True, False])
 @pytest.mark.parametrize("act_order", [False, True])
@@ -148,7 +148,7 @@ def test_repack_dp_layout():
                             assert got == (int(q[8 * r + 2 * j + h, n]) if n < N else 0)
 
 
-@pytest.mark.skipif(not cpu.dp_available(), reason="no AVX-512 BF16 dot-product kernel on this CPU")
+@needs_dp
 def test_dp_kernel_choice_and_exactness(make_layer, make_pair, relerr, monkeypatch):
     """auto: bf16/fp16 models get the dot-product kernel, fp32 models the FMA kernel; runs that
     are not whole octets (a ragged act-order split) fall back to the FMA kernel; bf16 x goes in

@@ -208,7 +208,7 @@ class CpuBackend:
     gemm_min_m = int(os.environ.get("GPTQKIT_CPU_GEMM_MIN_M", "0")) or (1 << 62)
     tile_bytes = 4 << 20  # fp32 bytes of one dequantized tile on the BLAS path
     # The AVX-512 BF16 dot-product kernel for 4-bit layers: "auto" uses it for bf16/fp16 models
-    # (bf16 x goes in as is; 1.3-2x faster than the FMA kernel, BENCHMARKS.md), and keeps the
+    # (bf16 x goes in as is; 1.1-1.7x faster than the FMA kernel, BENCHMARKS.md), and keeps the
     # FMA kernel for fp32 models, where the dot-product kernel must split x into 3 bf16 parts and
     # is no faster at M = 1 and slower at M = 4. "1" always, "0" never (GPTQKIT_CPU_DP).
     use_dp = os.environ.get("GPTQKIT_CPU_DP", "auto")
@@ -238,13 +238,13 @@ class CpuBackend:
         nblk = -(-N // BLOCK)
         s = layer.scales.float().cpu()
         seg = torch.searchsorted(gs.contiguous(), torch.arange(G + 1)).to(torch.int32).contiguous()
-        # the dot-product kernel wants every group run to be whole octets of rows
-        want = self.use_dp not in ("0", False) and (
-            self.use_dp in ("1", True) or layer.compute_dtype in (torch.bfloat16, torch.float16))
+        want = self.use_dp == "1" or (self.use_dp == "auto" and
+                                      layer.compute_dtype in (torch.bfloat16, torch.float16))
         # 3-bit codes (0..7) are stored as 4-bit nibbles: bytes do not split into 3-bit fields,
         # and the 4-bit kernels run them at 4-bit speed (the derived copy is 4/3 the packed size)
         kbits = 4 if layer.bits == 3 else layer.bits
         layer._cpu_bits = kbits
+        # the dot-product kernel wants every group run to be whole octets of rows
         dp = want and kbits == 4 and K % 8 == 0 and bool((seg % 8 == 0).all()) and dp_available()
         if dp:
             # the kernel subtracts a bias of 16·sum(x) per run (see the C++ source); cutting long

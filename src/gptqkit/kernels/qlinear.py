@@ -41,15 +41,13 @@ def register_backend(name: str, factory: Callable[[], Backend]) -> None:
 
 
 def backend_names() -> list[str]:
-    _import_builtin_backends(triton=True)
+    _import_builtin_backends()
     return list(_REGISTRY)
 
 
-def _import_builtin_backends(triton: bool) -> None:
+def _import_builtin_backends() -> None:
     from . import torch_ref  # noqa: F401  (registers "torch")
-    # Triton only where it can matter (a CUDA device, or asked for by name): importing it costs
-    # ~70 MB of resident memory, which a CPU-only model should not pay
-    for mod in ("cpu", "triton") if triton else ("cpu",):
+    for mod in ("cpu", "triton"):
         try:
             __import__(f"{__package__}.{mod}")
         except ImportError as e:  # optional backends: logged, never fatal
@@ -58,7 +56,7 @@ def _import_builtin_backends(triton: bool) -> None:
 
 def choose_backend(layer: "QuantLinear", device: torch.device, requested: str | None = None) -> Backend:
     """The requested backend (error if it cannot run this layer), else the first that can."""
-    _import_builtin_backends(triton=requested == "triton" or torch.device(device).type != "cpu")
+    _import_builtin_backends()
     if requested not in (None, "auto"):
         if requested not in _REGISTRY:
             raise BackendError(f"unknown backend {requested!r}; available: {sorted(_REGISTRY)}")

@@ -256,8 +256,8 @@ static void block_rows_dp(const uint8_t* __restrict Wb, const float* __restrict 
         for (int o = r0; o < r1; ++o, p += 256) {
             __m512i t[4];
             for (int v = 0; v < 4; ++v) t[v] = _mm512_loadu_si512(p + 64 * v);
-            // a block's codes are one contiguous stream, but the hardware prefetcher alone left
-            // M = 1 at ~70 % of the read bandwidth; 4 KiB ahead measured best (BENCHMARKS.md)
+            // a block's codes are one contiguous stream, but M = 1 ran faster with a software
+            // prefetch; 4 KiB ahead was best of 0/1/2/4 KiB in side-by-side builds (-DGK_PF=...)
             for (int v = 0; v < 4; ++v) _mm_prefetch((const char*)(p + GK_PF + 64 * v), _MM_HINT_T0);
 #define GK_DP_NIBBLE(J)                                                                        \
             for (int v = 0; v < 4; ++v) {                                                      \
