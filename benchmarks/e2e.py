@@ -248,7 +248,8 @@ def driver(a) -> dict:
                     summary[v][k.replace("_tok_s", "") + "_vs_fp32"] = summary[v][k] / summary["fp32"][k]
     import torch
     return {"args": vars(a), "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                                         "torch": torch.__version__, "loadavg_end": os.getloadavg()},
+                                         "torch": torch.__version__, "loadavg_end": os.getloadavg(),
+                                         "kernel_isa": _kernel_isa()},
             "summary": summary, "rounds": rounds}
 
 
@@ -273,6 +274,11 @@ def table(path: str) -> str:
                          f"{f(b['lm_head_ms'], 2)} | {f(b['rest_ms'], 2)} | {f(100 * b['linears_frac'], 0)} | "
                          f"{f(100 * b['lm_head_frac'], 0)} | {f(100 * b['rest_frac'], 0)} |")
     return "\n".join(lines)
+
+
+def _kernel_isa() -> str:
+    from gptqkit.kernels import cpu
+    return cpu.isa()
 
 
 def main() -> None:

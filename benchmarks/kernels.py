@@ -123,7 +123,8 @@ def main() -> None:
     rot = args.rotate_mb * (1 << 20)
 
     env = {"torch": torch.__version__, "threads": nt, "cpu": platform.processor() or platform.machine(),
-           "loadavg_start": os.getloadavg(), "command": " ".join(["python"] + sys.argv)}
+           "loadavg_start": os.getloadavg(), "command": " ".join(["python"] + sys.argv),
+           "kernel_isa": cpu_backend.isa()}
     try:
         with open("/proc/cpuinfo") as f:
             env["cpu"] = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))

@@ -22,6 +22,7 @@ and QuantLinear falls back to the torch backend (the reason is logged).
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -34,13 +35,17 @@ from pathlib import Path
 
 import torch
 
+from ..errors import BackendError
 from .qlinear import QuantLinear, register_backend
 from .torch_ref import unpack_layer
 
 log = logging.getLogger(__name__)
 
 _SRC = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
-_FLAG_SETS = (["-O3", "-march=native", "-fopenmp", "-std=c++17"],
+# GPTQKIT_CPU_MARCH builds for another target than this CPU (e.g. x86-64-v3 = AVX2+FMA, to test
+# and benchmark the AVX2 build on an AVX-512 machine)
+_MARCH = os.environ.get("GPTQKIT_CPU_MARCH", "native")
+_FLAG_SETS = (["-O3", f"-march={_MARCH}", "-fopenmp", "-std=c++17"],
               ["-O3", "-fopenmp", "-std=c++17"],
               ["-O3", "-std=c++17"])
 _lib = None
@@ -121,6 +126,7 @@ def _build() -> ctypes.CDLL:
         lib.gk_gemv_layer.argtypes = [p, p, i, p, i]
         lib.gk_gemv_layer.restype = i
         lib.gk_has_dp.restype = i
+        lib.gk_isa.restype = i
         lib.gk_gemv_dp.argtypes = [p, p, p, p, i, i, i, p, i, i, i, p, i, i]
         lib.gk_gemv_dp.restype = i
         lib.gk_gemv_dp_layer.argtypes = [p, p, i, i, i, p, i]
@@ -178,6 +184,12 @@ def repack_dp(q: torch.Tensor) -> torch.Tensor:
     return byte.permute(3, 0, 4, 5, 2, 1).reshape(nblk, K // 8, 4, 64).contiguous()
 
 
+def isa() -> str:
+    """The instruction set the loaded kernel was built for: "avx512", "avx2" or "generic"."""
+    lib = get_lib()
+    return {512: "avx512", 256: "avx2"}.get(lib.gk_isa(), "generic") if lib is not None else "none"
+
+
 def dp_available() -> bool:
     """Whether the compiled kernel has the AVX-512 BF16 dot-product path."""
     lib = get_lib()
@@ -199,13 +211,28 @@ def _block_params(t: torch.Tensor, nblk: int) -> torch.Tensor:
     return out.reshape(G, nblk, BLOCK).permute(1, 0, 2).contiguous()
 
 
+def _check(rc: int) -> None:
+    if rc != 0:
+        raise BackendError(f"the gptqkit CPU kernel returned error code {rc}; "
+                           "load with backend='torch' to use the reference kernel")
+
+
+@functools.lru_cache(maxsize=None)
+def _default_gemm_min_m() -> int:
+    env = os.environ.get("GPTQKIT_CPU_GEMM_MIN_M")
+    if env is not None:
+        return int(env) or (1 << 62)
+    return 32 if isa() == "avx512" else 2
+
+
 class CpuBackend:
     name = "cpu"
     bits_supported = (2, 3, 4, 8)
-    # Rows at or above which the BLAS path (tile dequantize + torch.mm) is used. Off by default:
-    # the fused kernel reaches the FMA limit and measured 2.3x faster than MKL fp32 at M = 256
-    # (BENCHMARKS.md, Kernels); set GPTQKIT_CPU_GEMM_MIN_M where a BLAS does better.
-    gemm_min_m = int(os.environ.get("GPTQKIT_CPU_GEMM_MIN_M", "0")) or (1 << 62)
+    # Rows at or above which the BLAS path (tile dequantize + torch.mm) is used, chosen per build
+    # from side-by-side timings (BENCHMARKS.md, "CPU: fused kernel vs dequantize + BLAS"): the
+    # AVX2 build of the fused kernel loses to dequantize + BLAS from M = 2 on, the AVX-512 build
+    # from about M = 32. GPTQKIT_CPU_GEMM_MIN_M overrides it (0: never use BLAS).
+    gemm_min_m: int | None = None
     tile_bytes = 4 << 20  # fp32 bytes of one dequantized tile on the BLAS path
     # The AVX-512 BF16 dot-product kernel for 4-bit layers: "auto" uses it for bf16/fp16 models
     # (bf16 x goes in as is; 1.1-1.7x faster than the FMA kernel, BENCHMARKS.md), and keeps the
@@ -321,7 +348,8 @@ class CpuBackend:
         # torch's thread count, but no more than one thread per ~0.5 M multiply-adds: on tiny
         # layers waking a second thread costs more than it saves
         nt = max(1, min(torch.get_num_threads(), (M * K * N) >> 19, layer._cpu_nblk))
-        if M < self.gemm_min_m:
+        gmin = self.gemm_min_m if self.gemm_min_m is not None else _default_gemm_min_m()
+        if M < gmin:
             y = torch.empty(M, N, dtype=torch.float32)
             if M:
                 if layer._cpu_dp:
@@ -332,7 +360,7 @@ class CpuBackend:
                     rc = lib.gk_gemv(layer._cpu_w.data_ptr(), layer._cpu_s.data_ptr(), layer._cpu_sz.data_ptr(),
                                      layer._cpu_seg.data_ptr(), layer._cpu_bits, K, layer._cpu_seg.numel() - 1,
                                      layer._cpu_nblk, x2.data_ptr(), M, y.data_ptr(), N, nt)
-                assert rc == 0
+                _check(rc)
         else:
             y = self._gemm(layer, lib, x2.float(), nt)
         if layer._cpu_bias is not None:
@@ -356,7 +384,7 @@ class CpuBackend:
             else:
                 rc = lib.gk_dequant(layer._cpu_w.data_ptr(), layer._cpu_s.data_ptr(), layer._cpu_sz.data_ptr(),
                                     layer._cpu_gk.data_ptr(), layer._cpu_bits, K, G, b0, cnt, t.data_ptr(), nt)
-            assert rc == 0
+            _check(rc)
             n0, n1 = b0 * BLOCK, min(N, (b0 + cnt) * BLOCK)
             if n1 - n0 == t.shape[1] and nblk == cnt:
                 torch.mm(x2, t, out=y)

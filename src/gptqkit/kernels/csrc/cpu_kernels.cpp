@@ -370,6 +370,18 @@ extern "C" {
 int gk_abi_version(void) { return 3; }
 int gk_has_dp(void) { return GK_HAS_DP; }
 
+// The widest vector ISA this build was compiled for: the backend picks its large-M path from it
+// (without AVX-512 the fused kernel loses to dequantize + BLAS at prefill sizes).
+int gk_isa(void) {
+#if defined(__AVX512F__)
+    return 512;
+#elif defined(__AVX2__)
+    return 256;
+#else
+    return 0;
+#endif
+}
+
 
 int gk_gemv(const uint8_t* W, const float* S, const float* SZ, const int32_t* seg, int bits,
             int K, int G, int nblk, const float* X, int M, float* Y, int N, int nthreads) {
