@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import GPTQKitError, InterruptedRunError
+from .errors import CheckpointError, GPTQKitError, InterruptedRunError
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16", "float64": "float64"}
@@ -51,6 +51,24 @@ def _load_any(path: str, backend: str | None, device: str):
     return model, load_tokenizer(p)
 
 
+def _check_out(out: Path, model_path, overwrite: bool, resume: bool) -> Path:
+    """Refuse a bad --out before any work (loading, float perplexity) is spent on it (issue 14)."""
+    out = out.resolve()  # `--out .` has an empty name; the resolved path does not
+    src = Path(str(model_path))
+    if src.is_dir() and (out == src.resolve() or src.resolve() in out.parents):
+        raise CheckpointError(f"--out {out} is the input model folder or inside it; choose another folder")
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"--out {out} is a file, not a folder; choose another path")
+    if out.is_dir() and any(out.iterdir()) and not (overwrite or resume):
+        raise CheckpointError(f"--out {out} exists and is not empty; pass --overwrite or --resume, or choose another folder")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise CheckpointError(f"cannot write --out {out}: {parent} is not writable")
+    return out
+
+
 def cmd_quantize(a) -> int:
     import torch
 
@@ -63,6 +81,7 @@ def cmd_quantize(a) -> int:
     model_path = resolve_model(a.model)
     out = Path(a.out or f"{Path(str(model_path)).name}-gptq-{cfg.bits}bit-g{cfg.group_size}"
                + ("-act" if cfg.desc_act else "") + ("-rtn" if cfg.method == "rtn" else ""))
+    out = _check_out(out, model_path, a.overwrite, a.resume)
     result: dict = {"model": str(model_path), "out": str(out), "config": cfg.to_dict()}
     tok = None
     # under torchrun every process quantizes its share; only rank 0 evaluates and prints
