@@ -36,7 +36,7 @@ from ..formats.checkpoint import gptq_tensors
 from ..quant.gptq import Hessian, gptq_solve
 from ..quant.result import QuantResult
 from ..quant.rtn import rtn_solve
-from .resume import RunDir, fault_hook, fingerprint
+from ..pipeline.rundir import RunDir, fault_hook, fingerprint
 from .arch import ArchSpec, block_linears, get_module, prepare_block, spec_for
 from .source import ModelHandle
 
@@ -498,7 +498,7 @@ def quantize_model(handle: ModelHandle, input_ids: torch.Tensor, config: Quantiz
     """Quantize `handle`'s model on calibration `input_ids` [n, L] and write a checkpoint at `out`.
 
     batch_size: sequences per forward chunk; None puts all of them in one chunk (least work).
-    resume: continue the unfinished run in `<out>.partial` (see models/resume.py); the result is
+    resume: continue the unfinished run in `<out>.partial` (see pipeline/rundir.py); the result is
     byte-identical to an uninterrupted run. Ctrl-C raises InterruptedRunError and keeps that folder.
     max_memory ('4GB' or bytes): when the calibration hidden states (inputs and outputs of a block)
     would exceed it, they stay in files under `<out>.partial/hidden` and blocks run chunk by chunk

@@ -1,0 +1,1 @@
+"""Quantization of a whole model, block by block (see docs/ARCHITECTURE.md)."""
