@@ -8,7 +8,8 @@ and once with the new, on the same machine, and compare:
     PYTHONPATH=/path/to/new/src python benchmarks/byte_identity.py --work /tmp/bi-new > new.json
     python benchmarks/byte_identity.py --compare old.json new.json
 
-Cases on a tiny random Llama (4 blocks, float32, small shards so the index is exercised):
+Cases on a tiny random Llama (4 blocks, float32; one shard each, tests/test_resume.py covers
+sharding):
 plain; killed after block 1 then `--resume`; `--max-memory` (hidden states on disk);
 `--batch-size` (block replay per chunk); torchrun with 2 processes (gloo); and the paths with
 no other byte check: `--lm-head`, `--no-true-sequential`, `--method rtn`, asymmetric gptq_v2.

@@ -40,7 +40,8 @@ def _child(a) -> None:
         from gptqkit import QuantizeConfig
         from gptqkit.api import load_tokenizer
         from gptqkit.data import calibration_batches
-        from gptqkit.models.pipeline import quantize_model, release_heap
+        from gptqkit.pipeline import quantize_model
+        from gptqkit.heap import release_heap
         from gptqkit.models.source import ModelHandle
         handle = ModelHandle(a.model)
         tok = load_tokenizer(handle.path)

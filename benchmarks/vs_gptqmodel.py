@@ -63,7 +63,7 @@ def worker_gptqkit(a: argparse.Namespace) -> dict:
     _setup_threads(a.threads)
     import gptqkit
     from gptqkit.api import load_tokenizer
-    from gptqkit.models.pipeline import quantize_model
+    from gptqkit.pipeline import quantize_model
     from gptqkit.models.source import ModelHandle
 
     ids = torch.load(a.ids)

@@ -49,11 +49,24 @@ def calib_ids(vocab: int, seed: int = 0, n: int = NSEQ, L: int = SEQLEN) -> torc
 
 def quantize_dir(src: Path, out: Path, ids: torch.Tensor, **qkw):
     from gptqkit import QuantizeConfig
-    from gptqkit.models.pipeline import quantize_model
+    from gptqkit.pipeline import quantize_model
     from gptqkit.models.source import ModelHandle
     qkw.setdefault("bits", 4)
     qkw.setdefault("group_size", 32)
     return quantize_model(ModelHandle(src), ids, QuantizeConfig(**qkw), out, progress=False)
+
+
+def block_outputs(monkeypatch) -> dict[int, dict[int, torch.Tensor]]:
+    """Record what the pipeline passes on from block to block: {block: {chunk: hidden states}}."""
+    from gptqkit.pipeline.activations import Activations
+    outs: dict[int, dict[int, torch.Tensor]] = {}
+    put = Activations.put
+
+    def record(self, c, h, where):
+        outs.setdefault(self.block, {})[c] = h
+        put(self, c, h, where)
+    monkeypatch.setattr(Activations, "put", record)
+    return outs
 
 
 def dequantized_weights(qdir: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:

@@ -119,16 +119,15 @@ def test_per_block_kwargs_differ_for_gemma2(tmp_path):
     if "gemma2" not in CONFIG_MAPPING:
         pytest.skip("no gemma2")
     from gptqkit.models.arch import spec_for, get_module
-    from gptqkit.models.pipeline import capture_per_block_inputs
+    from gptqkit.pipeline.capture import capture_per_block_inputs
     from gptqkit.models.source import ModelHandle
     from _arch_helpers import calib_ids
     src = build_tiny("gemma2", tmp_path / "src", **CASES["gemma2"])
     h = ModelHandle(src)
     blocks = get_module(h.model, spec_for(h.model).blocks)
     h.materialize_outside(spec_for(h.model).blocks)
-    got = capture_per_block_inputs(h.model, blocks, calib_ids(V), None, 4)
-    assert got is not None
-    _, rest = got
+    rest = capture_per_block_inputs(h.model, blocks, calib_ids(V), None, 4)
+    assert rest is not None
     m0, m1 = rest[0][0][1]["attention_mask"], rest[1][0][1]["attention_mask"]
     assert m0 is not None and m1 is not None and not torch.equal(m0, m1)
 
@@ -140,8 +139,8 @@ def test_replayed_inputs_match_a_real_forward(case, tmp_path, monkeypatch):
     sliding/global/sliding for Gemma, so block 1 needs another mask (and rotary table) than
     block 0; ALiBi for Bloom/Falcon."""
     from transformers import CONFIG_MAPPING
-    from gptqkit.models import pipeline
-    from _arch_helpers import calib_ids, fake_quant_reference, quantize_dir
+    from gptqkit.pipeline.capture import first_output
+    from _arch_helpers import block_outputs, calib_ids, fake_quant_reference, quantize_dir
     mt = _model_type(case)
     if mt not in CONFIG_MAPPING:
         pytest.skip(f"no {mt}")
@@ -152,20 +151,18 @@ def test_replayed_inputs_match_a_real_forward(case, tmp_path, monkeypatch):
     if "layer_types" in kw:
         kw["layer_types"] = ["sliding_attention", "full_attention", "sliding_attention"]
     src = build_tiny(mt, tmp_path / "src", **kw)
-    outs = []
-    run = pipeline.BlockQuantizer.run
-    monkeypatch.setattr(pipeline.BlockQuantizer, "run", lambda self: outs.append(run(self)) or outs[-1])
+    outs = block_outputs(monkeypatch)
     ids = calib_ids(V)
     quantize_dir(src, tmp_path / "q", ids, method="rtn")
     ref, _ = fake_quant_reference(src, tmp_path / "q")
     from gptqkit.models.arch import get_module, spec_for
     seen = []
     blocks = get_module(ref, spec_for(ref).blocks)
-    hooks = [b.register_forward_hook(lambda m, a, o: seen.append(pipeline._first(o))) for b in blocks]
+    hooks = [b.register_forward_hook(lambda m, a, o: seen.append(first_output(o))) for b in blocks]
     with torch.no_grad():
         ref(input_ids=ids)
     for h in hooks:
         h.remove()
     assert len(outs) == len(seen) == 3
     for i in range(3):
-        torch.testing.assert_close(pipeline._first(outs[i][0]), seen[i], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(outs[i][0], seen[i], rtol=1e-4, atol=1e-5)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from gptqkit import QuantizeConfig
 from gptqkit.errors import (CalibrationError, CheckpointError, ConfigError, DiskFullError, InterruptedRunError,
                             ModelLoadError, NumericalError)
-from gptqkit.models.pipeline import quantize_model
+from gptqkit.pipeline import quantize_model
 from gptqkit.models.source import ModelHandle
 
 

@@ -110,15 +110,12 @@ def test_per_layer_kwargs_are_replayed_per_block(tmp_path, monkeypatch, per_bloc
     of the fake-quantized model block by block; block 1 gets another window than block 0.
     per_block=False disables the per-block capture (every block replays block 0's kwargs) and
     shows the check is sensitive."""
-    from gptqkit.models import pipeline
-    from _arch_helpers import calib_ids, fake_quant_reference, quantize_dir
+    from gptqkit.pipeline import capture
+    from _arch_helpers import block_outputs, calib_ids, fake_quant_reference, quantize_dir
     src = build_tiny("gptqkit_tinydec", tmp_path / "src")
     if not per_block:
-        monkeypatch.setattr(pipeline, "capture_per_block_inputs", lambda *a, **k: None)
-    outs = []
-    run = pipeline.BlockQuantizer.run
-    monkeypatch.setattr(pipeline.BlockQuantizer, "run",
-                        lambda self: outs.append(run(self)) or outs[-1])
+        monkeypatch.setattr(capture, "capture_per_block_inputs", lambda *a, **k: None)
+    outs = block_outputs(monkeypatch)
     ids = calib_ids(V)
     quantize_dir(src, tmp_path / "q", ids, method="rtn")
     ref, _ = fake_quant_reference(src, tmp_path / "q")
@@ -128,6 +125,6 @@ def test_per_layer_kwargs_are_replayed_per_block(tmp_path, monkeypatch, per_bloc
         ref(input_ids=ids)
     for h in hooks:
         h.remove()
-    torch.testing.assert_close(pipeline._first(outs[0][0]), seen[0], rtol=1e-5, atol=1e-5)
-    match = [torch.allclose(pipeline._first(outs[i][0]), seen[i], rtol=1e-5, atol=1e-5) for i in (1, 2)]
+    torch.testing.assert_close(outs[0][0], capture.first_output(seen[0]), rtol=1e-5, atol=1e-5)
+    match = [torch.allclose(outs[i][0], capture.first_output(seen[i]), rtol=1e-5, atol=1e-5) for i in (1, 2)]
     assert match == ([True, True] if per_block else [False, False])

@@ -71,14 +71,14 @@ def test_unrouted_experts_fall_back_to_rtn_and_say_so(tmp_path, caplog):
 
 
 def test_experts_with_few_tokens_use_rtn(tmp_path, caplog, monkeypatch):
-    from gptqkit.models import pipeline
+    from gptqkit.pipeline import linears
     src = build_tiny("mixtral", tmp_path / "src", **MIXTRAL)
     ids = calib_ids(V)
     quantize_dir(src, tmp_path / "q0", ids)
     counts = sorted({r["tokens"] for r in _expert_rows(tmp_path / "q0")})
     assert len(counts) > 1
     threshold = counts[len(counts) // 2]  # half the experts fall below it
-    monkeypatch.setattr(pipeline, "MIN_GPTQ_TOKENS", threshold)
+    monkeypatch.setattr(linears, "MIN_GPTQ_TOKENS", threshold)
     with caplog.at_level(logging.WARNING, logger="gptqkit"):
         quantize_dir(src, tmp_path / "q", ids)
     rows = _expert_rows(tmp_path / "q")
@@ -98,7 +98,7 @@ def test_chunked_calibration_matches_single_batch(tmp_path):
     ids = calib_ids(V)
     quantize_dir(src, tmp_path / "one", ids)
     from gptqkit import QuantizeConfig
-    from gptqkit.models.pipeline import quantize_model
+    from gptqkit.pipeline import quantize_model
     from gptqkit.models.source import ModelHandle
     quantize_model(ModelHandle(src), ids, QuantizeConfig(bits=4, group_size=32), tmp_path / "chunked",
                    batch_size=1, progress=False)

@@ -23,7 +23,7 @@ RUN = textwrap.dedent("""
     import sys, torch
     torch.set_num_threads(1)
     from gptqkit import QuantizeConfig
-    from gptqkit.models.pipeline import quantize_model
+    from gptqkit.pipeline import quantize_model
     from gptqkit.models.source import ModelHandle
     src, out, resume = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
     ids = torch.randint(4, 256, (8, 24), generator=torch.Generator().manual_seed(0))
@@ -97,7 +97,7 @@ def test_sigkill_then_resume_is_byte_identical(deep_model, reference, tmp_path, 
 
 def _interrupted_partial(src: Path, out: Path, block: int = 1, **qkw) -> Path:
     from gptqkit import QuantizeConfig
-    from gptqkit.models.pipeline import quantize_model
+    from gptqkit.pipeline import quantize_model
     from gptqkit.models.source import ModelHandle
     ids = torch.randint(4, 256, (4, 16), generator=torch.Generator().manual_seed(0))
     os.environ["GPTQKIT_FAULT"] = f"committed:{block}:interrupt"
@@ -112,7 +112,7 @@ def _interrupted_partial(src: Path, out: Path, block: int = 1, **qkw) -> Path:
 
 def test_resume_refuses_other_inputs_and_plain_run_discards(deep_model, tmp_path, caplog):
     from gptqkit import QuantizeConfig
-    from gptqkit.models.pipeline import quantize_model
+    from gptqkit.pipeline import quantize_model
     from gptqkit.models.source import ModelHandle
     out = tmp_path / "q"
     ids = _interrupted_partial(deep_model, out, bits=4)
@@ -134,7 +134,7 @@ def test_resume_refuses_other_inputs_and_plain_run_discards(deep_model, tmp_path
 
 def test_resume_without_partial_starts_over(deep_model, tmp_path):
     from gptqkit import QuantizeConfig
-    from gptqkit.models.pipeline import quantize_model
+    from gptqkit.pipeline import quantize_model
     from gptqkit.models.source import ModelHandle
     ids = torch.randint(4, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     rep = quantize_model(ModelHandle(deep_model), ids, QuantizeConfig(group_size=32, method="rtn"),

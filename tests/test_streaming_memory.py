@@ -11,7 +11,8 @@ import torch
 
 from gptqkit import QuantizeConfig
 from gptqkit.errors import ConfigError, InterruptedRunError
-from gptqkit.models.pipeline import parse_size, quantize_model
+from gptqkit.pipeline import quantize_model
+from gptqkit.pipeline.plan import parse_size
 from gptqkit.models.source import ModelHandle
 
 NLAYERS = 4
@@ -63,7 +64,7 @@ def test_activations_on_disk_give_the_same_bytes(model4, tmp_path, caplog):
     cfg = dict(group_size=32, desc_act=True)
     quantize_model(ModelHandle(model4), _ids(), QuantizeConfig(**cfg), tmp_path / "mem", progress=False,
                    batch_size=2)
-    with caplog.at_level("INFO", logger="gptqkit.models.pipeline"):
+    with caplog.at_level("INFO", logger="gptqkit.pipeline"):
         quantize_model(ModelHandle(model4), _ids(), QuantizeConfig(**cfg), tmp_path / "disk", progress=False,
                        max_memory="4KB")  # chunk size chosen from the budget: 1 sequence
     assert "kept on disk" in caplog.text

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import torch
 
 from .config import QuantizeConfig
-from .models.pipeline import QuantizeReport, quantize_model
+from .pipeline import QuantizeReport, quantize_model
 from .models.source import ModelHandle
 
 log = logging.getLogger(__name__)

@@ -122,7 +122,7 @@ def load_quantized(path: str | Path, *, backend: str | None = None, device: str 
             chosen[m.backend.name] = chosen.get(m.backend.name, 0) + 1
     log.info("loaded %s: %d quantized layers, backends %s", path, len(qnames), chosen)
     del state
-    from .pipeline import release_heap
+    from ..heap import release_heap
     release_heap()  # the checkpoint's read buffers and the kernels' unpacking scratch
     model.eval()
     model.quantize_config = qcfg

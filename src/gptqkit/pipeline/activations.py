@@ -1,0 +1,69 @@
+"""The hidden states entering the current block, one tensor per calibration chunk, behind one
+interface whether they are held in memory or (--max-memory) kept in the run folder and read one
+chunk at a time. After each block the inputs of the next block are saved in the run folder
+either way, which is what lets an interrupted run resume exactly where it stopped.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import NumericalError
+from . import collective
+from .rundir import RunDir
+
+
+def check_finite(h: torch.Tensor, where: str) -> None:
+    if not torch.isfinite(h).all():
+        raise NumericalError(f"activations after {where} contain NaN/Inf; try a higher-precision "
+                             "compute dtype (float32) or check the source weights")
+
+
+class Activations:
+    def __init__(self, run: RunDir, device: torch.device | str, offload: bool, nchunks: int, start: int = 0):
+        """start > 0: resuming; the inputs of block `start` are those the interrupted run saved."""
+        self.run, self.device, self.offload, self.nchunks = run, device, offload, nchunks
+        self.block = start              # whose inputs get() returns
+        self._held: list[torch.Tensor | None] = [None] * nchunks
+        self._next: list[torch.Tensor | None] = [None] * nchunks
+
+    def capture(self, c: int, h: torch.Tensor) -> None:
+        """Chunk c's hidden states entering block 0, as the input capture sees them."""
+        if self.block:  # resuming: block `start` reads its saved inputs instead
+            return
+        if self.offload:  # straight to disk, never all in memory
+            self.run.write_hidden(0, c, h)
+        else:
+            self._held[c] = h
+
+    def resume(self) -> None:
+        if self.block and not self.offload:
+            self._held = [self.run.load_hidden(self.block, c).to(self.device) for c in range(self.nchunks)]
+
+    def get(self, c: int) -> torch.Tensor:
+        if self.offload:
+            return self.run.load_hidden(self.block, c).to(self.device)
+        return self._held[c]
+
+    def put(self, c: int, h: torch.Tensor, where: str) -> None:
+        """Chunk c's output of the current block (the next block's input); `where` names the
+        block in errors."""
+        if self.offload:
+            check_finite(h, where)
+            self.run.write_hidden(self.block + 1, c, h)
+        else:
+            self._next[c] = h
+
+    def advance(self, where: str) -> None:
+        """The outputs put() received become the inputs get() returns."""
+        if not self.offload:
+            for h in self._next:
+                check_finite(h, where)
+            self._held, self._next = self._next, [None] * self.nchunks
+        self.block += 1
+
+    def save(self) -> None:
+        """Write the current inputs to the run folder (offloaded ones are there already); every
+        rank writes its own chunks."""
+        if not self.offload:
+            collective.on_every_rank(lambda: [self.run.write_hidden(self.block, c, h)
+                                              for c, h in enumerate(self._held)])

@@ -1,0 +1,164 @@
+"""The loop over decoder blocks: calibration ids in, a standard GPTQ checkpoint out.
+
+Data flow (docs/ARCHITECTURE.md): plan the run (plan.py), open the run folder (rundir.py),
+capture what block 0 receives (capture.py), then for each block: read its weights, solve its
+linears while the calibration chunks flow through it (block.py), keep its outputs as the next
+block's inputs (activations.py), write its tensors and commit (writer.py, rundir.py), free it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import QuantizeConfig
+from ..errors import InterruptedRunError
+from ..heap import release_heap
+from ..models.arch import ArchSpec, get_module, prepare_block, spec_for
+from ..models.source import ModelHandle
+from . import collective
+from .activations import Activations
+from .block import BlockQuantizer
+from .capture import BlockInputs, capture_inputs
+from .head import quantize_lm_head
+from .linears import block_jobs, check_layers_fit
+from .plan import RunPlan, make_plan
+from .quant_log import LayerLog, QuantizeReport
+from .rundir import RunDir, fault_hook
+from .writer import Tensors, write_originals, write_side_files
+
+
+@dataclass
+class _Run:
+    """Everything the blocks of one run share."""
+    handle: ModelHandle
+    spec: ArchSpec
+    blocks: nn.ModuleList
+    config: QuantizeConfig
+    plan: RunPlan
+    dir: RunDir
+    report: QuantizeReport
+    t_start: float
+    prior_seconds: float = 0.0      # of the interrupted run this one resumes
+    acts: Activations | None = None
+    inputs: BlockInputs | None = None
+    written: set[str] = field(default_factory=set)   # checkpoint names already produced
+
+    def seconds(self) -> float:
+        return self.prior_seconds + time.perf_counter() - self.t_start
+
+
+def quantize_model(handle: ModelHandle, input_ids: torch.Tensor, config: QuantizeConfig, out: str | Path, *,
+                   attention_mask: torch.Tensor | None = None, tokenizer=None, batch_size: int | None = None,
+                   overwrite: bool = False, max_shard_bytes: int = 2 << 30, progress: bool = True,
+                   resume: bool = False, max_memory: int | str | None = None) -> QuantizeReport:
+    """Quantize `handle`'s model on calibration `input_ids` [n, L] and write a checkpoint at `out`.
+
+    batch_size: sequences per forward chunk; None puts all of them in one chunk (least work).
+    resume: continue the unfinished run in `<out>.partial` (see pipeline/rundir.py); the result is
+    byte-identical to an uninterrupted run. Ctrl-C raises InterruptedRunError and keeps that folder.
+    max_memory ('4GB' or bytes): when the calibration hidden states (inputs and outputs of a block)
+    would exceed it, they stay in files under `<out>.partial/hidden` and blocks run chunk by chunk
+    (batch_size, or as many sequences as a quarter of the budget holds).
+    """
+    t_start = time.perf_counter()
+    spec = spec_for(handle.model)
+    blocks = get_module(handle.model, spec.blocks)
+    plan = make_plan(handle, spec, blocks, input_ids, attention_mask, config, batch_size=batch_size,
+                     max_memory=max_memory, max_shard_bytes=max_shard_bytes)
+    run_dir = collective.open_run(out, plan.fingerprint, overwrite=overwrite, resume=resume,
+                                  max_shard_bytes=max_shard_bytes)
+    r = _Run(handle, spec, blocks, config, plan, run_dir, QuantizeReport(out=str(out), calib_tokens=plan.calib_tokens),
+             t_start)
+    i = start = run_dir.next_block
+    try:
+        _begin(r, start)
+        bar = tqdm(range(start, len(blocks)), desc="quantizing blocks", disable=not progress or plan.rank != 0,
+                   initial=start, total=len(blocks))
+        with torch.no_grad():
+            for i in bar:
+                losses = _quantize_block(r, i)
+                bar.set_postfix(loss=f"{sum(losses) / max(1, len(losses)):.3g}")
+            outside = _outside_tensors(r)
+        _finish(r, outside, tokenizer)
+    except KeyboardInterrupt as e:
+        raise InterruptedRunError(
+            f"interrupted in block {i}; the {run_dir.next_block} finished block(s) are kept in {run_dir.directory}. "
+            "Run the same command with --resume (resume=True) to continue") from e
+    return r.report
+
+
+def _begin(r: _Run, start: int) -> None:
+    """Restore what the interrupted run recorded, capture the inputs of the blocks."""
+    r.report.layers = [LayerLog(**d) for d in r.dir.saved("layers", [])]
+    r.report.forwards = r.dir.saved("forwards", 0)
+    r.prior_seconds = r.dir.saved("seconds", 0.0)
+    r.handle.materialize_outside(r.spec.blocks)
+    plan = r.plan
+    r.acts = Activations(r.dir, r.handle.device, plan.offload, plan.nchunks, start)
+    # [arch] record what each block receives (per-layer masks / rotary tables differ by layer type)
+    r.inputs = capture_inputs(r.handle.model, r.blocks, plan.input_ids, plan.attention_mask, plan.chunk,
+                              r.acts.capture)
+    if not r.config.lm_head:
+        r.handle.release_outside(r.spec.blocks)  # embeddings: needed again only to quantize lm_head
+    r.acts.resume()  # the hidden states the interrupted run had reached
+
+
+def _quantize_block(r: _Run, i: int) -> list[float]:
+    """Solve, write and commit block i; -> the losses of its linears."""
+    prefix = f"{r.spec.blocks}.{i}"
+    r.handle.materialize(prefix)
+    block = r.blocks[i]
+    # [arch] unfuse 3-D MoE experts into per-expert Linears, Conv1D -> Linear
+    r.written.update(prepare_block(block, r.spec, lambda n: r.config.for_module(f"{prefix}.{n}") is not None,
+                                   prefix))
+    check_layers_fit(block, r.spec, r.config, prefix)
+    jobs = block_jobs(block, r.spec, r.config, prefix)
+    bq = BlockQuantizer(block, jobs, r.inputs.for_block(i), r.acts, r.plan.masks, r.plan.zero_min,
+                        r.config.true_sequential, prefix)
+    bq.run()
+    r.report.forwards += bq.forwards
+    r.acts.advance(prefix)
+    fault_hook("solved", i)
+    # write: GPTQ tensors of the solved linears, originals for everything else in the block
+    tensors = Tensors()
+    for job in jobs:
+        tensors.add_solved(job, r.config.checkpoint_format, r.written)
+        r.report.layers.append(LayerLog.of(job))
+    write_originals(r.handle, tensors, prefix, r.written)
+    if r.plan.rank == 0:
+        r.dir.write_block(i, tensors)
+    r.acts.save()
+    fault_hook("written", i)
+    collective.on_rank0(lambda: r.dir.commit(i + 1, layers=[asdict(x) for x in r.report.layers],
+                                             forwards=r.report.forwards, seconds=r.seconds()))
+    fault_hook("committed", i)
+    del tensors
+    r.handle.release(prefix)
+    release_heap()
+    return [job.result.loss for job in jobs]
+
+
+def _outside_tensors(r: _Run) -> Tensors:
+    """The tensors outside the blocks: the quantized lm_head if asked, the rest as stored."""
+    outside = Tensors()
+    if r.config.lm_head:
+        head = quantize_lm_head(r.handle, r.spec, r.acts, r.plan.masks, r.config, r.plan.zero_min)
+        if head is not None:
+            outside.add_solved(head, r.config.checkpoint_format, r.written)
+            r.report.layers.append(LayerLog.of(head))
+    write_originals(r.handle, outside, "", r.written, skip_prefix=r.spec.blocks + ".", copy=True)
+    return outside
+
+
+def _finish(r: _Run, outside: Tensors, tokenizer) -> None:
+    r.report.seconds = r.seconds()
+
+    def finish():
+        write_side_files(r.handle, r.dir.directory, r.config, tokenizer, r.report)
+        r.dir.finalize(len(r.blocks), outside, outside.copies)
+    collective.on_rank0(finish)
