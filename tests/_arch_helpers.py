@@ -73,7 +73,8 @@ def dequantized_weights(qdir: Path) -> dict[str, tuple[torch.Tensor, torch.Tenso
     """name -> (W [N, K] float32 dequantized from the checkpoint tensors, bias or None)."""
     from gptqkit.config import QuantizeConfig
     from gptqkit.formats.checkpoint import iter_tensors
-    from gptqkit.formats.packing import dequantize, unpack_qweight, unpack_qzeros
+    from gptqkit.formats.packing import unpack_qweight, unpack_qzeros
+    from gptqkit.quant.grid import dequantize
     from gptqkit.models.loading import _bits_from_shapes
 
     qcfg = QuantizeConfig.load(qdir)
@@ -88,7 +89,7 @@ def dequantized_weights(qdir: Path) -> dict[str, tuple[torch.Tensor, torch.Tenso
         bits = _bits_from_shapes(t[k].shape[0], K)
         q = unpack_qweight(t[k], bits)
         z = unpack_qzeros(t[f"{name}.qzeros"], bits, N, qcfg.checkpoint_format)
-        Wt = dequantize(q, t[f"{name}.scales"], z, t[f"{name}.g_idx"])
+        Wt = dequantize(q, t[f"{name}.scales"], z, t[f"{name}.g_idx"], torch.float32)
         b = t.get(f"{name}.bias")
         out[name] = (Wt.T.contiguous().float(), b.float() if b is not None else None)
     return out

@@ -1,4 +1,5 @@
-"""Checkpoint files: the sharded writer (atomic folder, index) and the guarded reader."""
+"""Checkpoint files: shard assembly (names, index), the run folder published atomically, and the
+guarded reader."""
 from __future__ import annotations
 
 import json
@@ -9,8 +10,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import gptqkit.formats.checkpoint as ckpt
-from gptqkit.errors import CheckpointError
-from gptqkit.formats.checkpoint import INDEX_FILE, ShardWriter, TensorSource, iter_tensors, shard_files
+from gptqkit.errors import CheckpointError, DiskFullError
+from gptqkit.formats.checkpoint import (INDEX_FILE, TensorSource, assemble_shards, iter_tensors, shard_files,
+                                        write_safetensors)
+from gptqkit.pipeline.rundir import RunDir
 
 
 def _tensors(n: int = 6) -> dict[str, torch.Tensor]:
@@ -18,102 +21,117 @@ def _tensors(n: int = 6) -> dict[str, torch.Tensor]:
     return {f"layer.{i}.weight": torch.randn(16, 16, generator=g) for i in range(n)}  # 1 KiB each
 
 
+def _sources(folder, ts, per_file: int = 2) -> list:
+    """ts written into safetensors files of `per_file` tensors each, the way the pipeline writes
+    its per-block files (write order recorded in the metadata)."""
+    folder.mkdir()
+    items, files = list(ts.items()), []
+    for i in range(0, len(items), per_file):
+        part = dict(items[i:i + per_file])
+        write_safetensors(folder / f"s{i}.safetensors", part, {"format": "pt", "order": json.dumps(list(part))})
+        files.append(folder / f"s{i}.safetensors")
+    return files
+
+
 def test_several_shards_and_index(tmp_path):
     ts = _tensors(6)
     out = tmp_path / "ck"
-    w = ShardWriter(out, max_shard_bytes=2048 + 10)  # two 1 KiB tensors per shard -> 3 shards
-    for k, v in ts.items():
-        w.add(k, v)
-    assert w.finalize() == out
-    names = sorted(p.name for p in out.glob("*.safetensors"))
+    out.mkdir()
+    names = assemble_shards(_sources(tmp_path / "src", ts, per_file=3), out, 2048 + 10)  # 2 per shard
     assert names == [f"model-{i:05d}-of-00003.safetensors" for i in (1, 2, 3)]
-    assert not (out / "model.safetensors").exists()
+    assert sorted(p.name for p in out.glob("*.safetensors")) == names
     index = json.loads((out / INDEX_FILE).read_text())
     assert sorted(index["weight_map"]) == sorted(ts)  # every tensor listed once
     assert set(index["weight_map"].values()) == set(names)
     assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in ts.values())
-    # each tensor really is in the shard the index names, and nowhere else
+    # each tensor really is in the shard the index names, in write order across shards
     seen = []
     for name in names:
         with safe_open(str(out / name), framework="pt") as sf:
-            for k in sf.keys():
+            for k in sorted(sf.keys()):
                 assert index["weight_map"][k] == name
                 assert torch.equal(sf.get_tensor(k), ts[k])
                 seen.append(k)
-    assert sorted(seen) == sorted(ts)
+    assert seen == list(ts)
     assert [p.name for p in shard_files(out)] == names
     got = dict(iter_tensors(out))
     assert got.keys() == ts.keys() and all(torch.equal(got[k], ts[k]) for k in ts)
     src = TensorSource(out)
     assert sorted(src.keys()) == sorted(ts) and torch.equal(src.get("layer.4.weight"), ts["layer.4.weight"])
-    assert not out.with_name("ck.partial").exists()
 
 
 def test_one_shard_is_model_safetensors_without_index(tmp_path):
-    ts = _tensors(3)
+    ts = _tensors(4)
+    files = _sources(tmp_path / "src", ts)
     out = tmp_path / "ck"
-    w = ShardWriter(out)
-    w.add_all("m", ts)
-    w.finalize()
+    out.mkdir()
+    # a (file, names) source copies just those tensors
+    assert assemble_shards([files[0], (files[1], ["layer.3.weight"])], out, 2 << 30) == ["model.safetensors"]
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
     assert not (out / INDEX_FILE).exists()
     got = dict(iter_tensors(out))
-    assert sorted(got) == sorted(f"m.{k}" for k in ts)
+    assert sorted(got) == ["layer.0.weight", "layer.1.weight", "layer.3.weight"]
+    assert all(torch.equal(got[k], ts[k]) for k in got)
+
+
+def _run_dir(out, ts, **kw) -> RunDir:
+    """A run folder holding `ts` as block 0 and block 1, not yet finalized."""
+    run = RunDir(out, "fingerprint", **kw)
+    items = list(ts.items())
+    run.write_block(0, dict(items[: len(items) // 2]))
+    run.write_block(1, dict(items[len(items) // 2:]))
+    return run
 
 
 def test_folder_appears_only_at_finalize(tmp_path):
-    out = tmp_path / "ck"
-    w = ShardWriter(out, max_shard_bytes=1500)
-    for k, v in _tensors(4).items():
-        w.add(k, v)
-    (w.directory / "config.json").write_text("{}")
+    out, ts = tmp_path / "ck", _tensors(4)
+    run = _run_dir(out, ts, max_shard_bytes=1500)
+    (run.directory / "config.json").write_text("{}")
     assert not out.exists()
     partial = tmp_path / "ck.partial"
-    assert partial.is_dir() and w.directory == partial
-    assert any(partial.glob("*.safetensors"))  # shards already flushed there
-    w.finalize()
+    assert partial.is_dir() and run.directory == partial
+    assert run.finalize(2, {}) == out
     assert out.is_dir() and not partial.exists()
-    assert (out / "config.json").is_file()
+    assert (out / "config.json").is_file() and (out / INDEX_FILE).is_file()
+    got = dict(iter_tensors(out))
+    assert got.keys() == ts.keys() and all(torch.equal(got[k], ts[k]) for k in ts)
 
 
 def test_existing_out_refused_unless_overwrite(tmp_path):
     out = tmp_path / "ck"
-    out.mkdir()
-    (out / "keep.txt").write_text("x")
+    _run_dir(out, _tensors(2)).finalize(2, {})  # an earlier checkpoint
+    before = (out / "model.safetensors").read_bytes()
     with pytest.raises(CheckpointError, match="already exists"):
-        ShardWriter(out)
-    assert (out / "keep.txt").is_file()
-    w = ShardWriter(out, overwrite=True)
-    w.add("a", torch.ones(3))
-    w.finalize()
-    assert (out / "model.safetensors").is_file() and not (out / "keep.txt").exists()
+        RunDir(out, "fingerprint")
+    assert (out / "model.safetensors").read_bytes() == before
+    run = RunDir(out, "fingerprint", overwrite=True)
+    run.write_block(0, {"a": torch.ones(3)})
+    run.finalize(1, {})
+    assert dict(iter_tensors(out)).keys() == {"a"}
 
 
 def test_disk_full_raises_checkpoint_error_and_leaves_no_out(tmp_path, monkeypatch):
     def full(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ckpt, "save_file", full)
     out = tmp_path / "ck"
-    w = ShardWriter(out, max_shard_bytes=1500)
-    with pytest.raises(CheckpointError, match="No space left"):
-        for k, v in _tensors(4).items():
-            w.add(k, v)
-        w.finalize()
+    run = RunDir(out, "fingerprint")
+    monkeypatch.setattr(ckpt, "_open_for_write", full)
+    with pytest.raises(DiskFullError, match="No space left"):
+        run.write_block(0, _tensors(2))
     assert not out.exists()
 
 
 def test_disk_full_at_finalize(tmp_path, monkeypatch):
     out = tmp_path / "ck"
-    w = ShardWriter(out)
-    w.add("a", torch.ones(4))
+    run = _run_dir(out, _tensors(2))
 
     def full(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ckpt, "save_file", full)
-    with pytest.raises(CheckpointError):
-        w.finalize()
+    monkeypatch.setattr(ckpt, "_open_for_write", full)
+    with pytest.raises(DiskFullError):
+        run.finalize(2, {})
     assert not out.exists()
 
 
@@ -183,11 +201,10 @@ def test_truncated_file(tmp_path, cut):
 
 def test_out_appearing_during_write_is_not_clobbered(tmp_path):
     out = tmp_path / "ck"
-    w = ShardWriter(out)
-    w.add("a", torch.ones(4))
+    run = _run_dir(out, _tensors(2))
     out.mkdir()  # someone else wrote there meanwhile
     with pytest.raises(CheckpointError):
-        w.finalize()
+        run.finalize(2, {})
     assert list(out.iterdir()) == []
 
 
@@ -220,7 +237,8 @@ def _reference_from_checkpoint(src, out):
     from transformers import AutoModelForCausalLM
 
     from gptqkit.config import QuantizeConfig
-    from gptqkit.formats.packing import dequantize, unpack_qweight, unpack_qzeros
+    from gptqkit.formats.packing import unpack_qweight, unpack_qzeros
+    from gptqkit.quant.grid import dequantize
     cfg = QuantizeConfig.load(out)
     t = dict(iter_tensors(out))
     ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
@@ -230,7 +248,7 @@ def _reference_from_checkpoint(src, out):
             lin = ref.get_submodule(name)
             q = unpack_qweight(t[f"{name}.qweight"], cfg.bits)
             z = unpack_qzeros(t[f"{name}.qzeros"], cfg.bits, lin.out_features, cfg.checkpoint_format)
-            lin.weight.copy_(dequantize(q, t[f"{name}.scales"], z, t[f"{name}.g_idx"]).T)
+            lin.weight.copy_(dequantize(q, t[f"{name}.scales"], z, t[f"{name}.g_idx"], torch.float32).T)
             if lin.bias is not None:
                 lin.bias.copy_(t[f"{name}.bias"].float())
     return ref, names, t

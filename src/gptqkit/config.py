@@ -85,10 +85,6 @@ class QuantizeConfig:
             if not pattern.startswith("-:"):
                 dataclasses.replace(self, dynamic=None, **override)  # validates the values
 
-    @property
-    def maxq(self) -> int:
-        return (1 << self.bits) - 1
-
     def for_module(self, name: str) -> "QuantizeConfig | None":
         """The config that applies to module `name` after dynamic rules; None = keep in full precision."""
         for pattern, override in (self.dynamic or {}).items():

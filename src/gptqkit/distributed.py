@@ -49,11 +49,6 @@ def world() -> int:
     return _dist().get_world_size() if active() else 1
 
 
-def barrier() -> None:
-    if active():
-        _dist().barrier()
-
-
 def local_slice(n: int) -> slice:
     """This rank's contiguous share of n calibration sequences (sizes differ by at most one)."""
     w, r = world(), rank()

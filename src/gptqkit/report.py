@@ -55,7 +55,7 @@ def collect(directory: str | Path) -> dict[str, Any]:
     from safetensors import safe_open
 
     from .config import QuantizeConfig
-    from .formats.checkpoint import shard_files
+    from .formats.checkpoint import GPTQ_TENSORS, shard_files
 
     d = Path(directory)
     log_path = d / "quant_log.json"
@@ -69,6 +69,7 @@ def collect(directory: str | Path) -> dict[str, Any]:
     qparams = other_params = qbytes = other_bytes = 0
     other_fp_bytes_fp16 = 0
     files = shard_files(d)
+    gptq_suffixes = tuple(f".{t}" for t in GPTQ_TENSORS)
     for f in files:
         with safe_open(str(f), framework="pt") as sf:
             for k in sf.keys():
@@ -79,7 +80,7 @@ def collect(directory: str | Path) -> dict[str, Any]:
                 if k.endswith(".qweight"):
                     qparams += shape[0] * 32 // _bits_for(k, qlog, cfg.bits) * shape[1]
                     qbytes += nb
-                elif k.endswith((".qzeros", ".scales", ".g_idx")):
+                elif k.endswith(gptq_suffixes):  # the rest of a quantized layer
                     qbytes += nb
                 else:
                     other_params += n

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gptqkit.formats.packing import (dequantize, pack, pack_qweight, pack_qzeros, unpack,
+from gptqkit.formats.packing import (pack, pack_qweight, pack_qzeros, unpack,
                                      unpack_qweight, unpack_qzeros)
 
 BITS = (2, 3, 4, 8)
@@ -240,18 +240,3 @@ def test_unpack_too_few_words_raises(bits, nwords, n):
     with pytest.raises(ValueError):
         unpack(torch.zeros(nwords, 1, dtype=torch.int32), bits, 0, n=n)
     assert unpack(torch.zeros(nwords, 1, dtype=torch.int32), bits, 0, n=n - 1).shape == (n - 1, 1)
-
-
-def test_dequantize_formula():
-    K, N, g = 64, 6, 16
-    q = rand_codes((K, N), 4, seed=1)
-    z = rand_codes((K // g, N), 4, seed=2)
-    s = torch.rand(K // g, N, generator=torch.Generator().manual_seed(3)) + 0.1
-    gen = torch.Generator().manual_seed(4)
-    g_idx = (torch.randperm(K, generator=gen) // g).to(torch.int32)
-    w = dequantize(q, s, z, g_idx)
-    assert w.shape == (K, N) and w.dtype == torch.float32
-    for k in range(K):
-        gi = int(g_idx[k])
-        assert torch.equal(w[k], s[gi] * (q[k].float() - z[gi].float()))
-    assert dequantize(q, s, z, g_idx, dtype=torch.float16).dtype == torch.float16

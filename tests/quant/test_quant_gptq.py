@@ -231,17 +231,6 @@ def test_hessian_streaming_and_mask():
     h.add(torch.randn(2, 3, K, dtype=DT), torch.zeros(2, 3, dtype=torch.bool))
     assert h.n == X.shape[0]
 
-    # merge of two partial accumulators == one accumulator over all rows
-    a, b = Hessian(K, dtype=DT), Hessian(K, dtype=DT)
-    a.add(rows[0]); a.add(rows[1])
-    b.add(rows[2])
-    a.merge(b)
-    assert a.n == X.shape[0]
-    torch.testing.assert_close(a.H, 2 * X.T @ X / X.shape[0], rtol=1e-12, atol=1e-12)
-    empty = Hessian(K, dtype=DT)
-    empty.merge(a)
-    torch.testing.assert_close(empty.H, a.H, rtol=1e-12, atol=1e-12)
-
 
 def test_hessian_float32_default():
     h = Hessian(8)

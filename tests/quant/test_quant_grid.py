@@ -4,7 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gptqkit.quant.grid import dequantize, fake_quantize, find_params, quantize
+from gptqkit.quant.grid import dequantize, find_params, quantize
+
+
+def fake_quantize(w, scale, zero, maxq):
+    return dequantize(quantize(w, scale, zero, maxq), scale, zero)
 
 DT = torch.float64
 
@@ -142,3 +146,21 @@ def test_quantize_rounds_and_clamps(bits):
     # in-range values are reproduced to within half a step
     w = (torch.rand(100, dtype=DT) - 0.5) * s * (maxq - 1)
     assert ((fake_quantize(w, s, z, maxq) - w).abs() <= s / 2 + 1e-12).all()
+
+
+def test_dequantize_per_group_formula():
+    """With g_idx: row k of q [K, N] takes scale/zero of group g_idx[k] (any order, act-order)."""
+    K, N, g = 64, 6, 16
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randint(0, 16, (K, N), generator=gen, dtype=torch.int32)
+    z = torch.randint(0, 16, (K // g, N), generator=gen, dtype=torch.int32)
+    s = torch.rand(K // g, N, generator=gen) + 0.1
+    g_idx = (torch.randperm(K, generator=gen) // g).to(torch.int32)
+    w = dequantize(q, s, z, g_idx)
+    assert w.shape == (K, N) and w.dtype == torch.float32
+    for k in range(K):
+        gi = int(g_idx[k])
+        assert torch.equal(w[k], s[gi] * (q[k].float() - z[gi].float()))
+    w16 = dequantize(q, s.half(), z, g_idx, dtype=torch.float16)
+    assert w16.dtype == torch.float16
+    assert torch.equal(w16, (s.half()[g_idx.long()] * (q.half() - z[g_idx.long()].half())))

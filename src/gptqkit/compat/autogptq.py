@@ -15,7 +15,6 @@ Checkpoints are always written as safetensors; `use_safetensors=False` is accept
 """
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from dataclasses import dataclass, field, fields
@@ -172,7 +171,3 @@ class AutoGPTQForCausalLM:
         w._qdir = path
         return w
 
-
-def quantize_config_json(path: str | Path) -> dict[str, Any]:
-    """The quantize_config.json of a checkpoint, as AutoGPTQ reads it."""
-    return json.loads(Path(path, "quantize_config.json").read_text())

@@ -1,6 +1,7 @@
-"""Checkpoint files: a sharded safetensors writer that never leaves a half folder looking
-complete, a reader that follows an index only inside its folder, and the GPTQ tensors of one
-solved layer. Safetensors only: pickled checkpoints are refused, never loaded.
+"""Checkpoint files: the GPTQ tensors of one solved layer, safetensors files written atomically
+and assembled into shards with their index, a publish step that never leaves a half folder
+looking complete, and a reader that follows an index only inside its folder. Safetensors only:
+pickled checkpoints are refused, never loaded.
 """
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from typing import Iterable, Iterator
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ..errors import CheckpointError, DiskFullError
 from .packing import pack_qweight, pack_qzeros
@@ -21,85 +21,22 @@ from .packing import pack_qweight, pack_qzeros
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 COMPLETE_MARK = ".gptqkit-complete"
+# The tensors that replace a quantized Linear's weight, in the order they are written (the
+# optional float16 `bias` keeps its name). QuantLinear's buffers carry the same names.
+GPTQ_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
 
 
 def gptq_tensors(result, bits: int, fmt: str, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """The checkpoint tensors of one solved layer (a quant.result.QuantResult)."""
-    out = {
-        "qweight": pack_qweight(result.q.T.cpu(), bits),
-        "qzeros": pack_qzeros(result.zeros.cpu(), bits, fmt),
-        "scales": result.scales.cpu().to(torch.float16).contiguous(),
-        "g_idx": result.g_idx.cpu().to(torch.int32).contiguous(),
-    }
+    out = dict(zip(GPTQ_TENSORS, (
+        pack_qweight(result.q.T.cpu(), bits),
+        pack_qzeros(result.zeros.cpu(), bits, fmt),
+        result.scales.cpu().to(torch.float16).contiguous(),
+        result.g_idx.cpu().to(torch.int32).contiguous(),
+    )))
     if bias is not None:
         out["bias"] = bias.detach().cpu().to(torch.float16).contiguous()
     return out
-
-
-class ShardWriter:
-    """Writes tensors into shards of at most `max_shard_bytes` as they arrive.
-
-    Everything goes to `<out>.partial/`; `finalize()` names the shards, writes the index and
-    then renames the folder to `out`, so an interrupted run never leaves a folder at `out`.
-    """
-
-    def __init__(self, out: str | Path, max_shard_bytes: int = 2 << 30, overwrite: bool = False):
-        self.out = Path(out)
-        if self.out.exists() and not overwrite:
-            raise CheckpointError(f"{self.out} already exists; choose another --out or pass overwrite")
-        self.tmp = self.out.with_name(self.out.name + ".partial")
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp)
-        self.tmp.mkdir(parents=True)
-        self.max_shard_bytes = max_shard_bytes
-        self.overwrite = overwrite
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.shards: list[tuple[str, list[str]]] = []  # (temporary file name, tensor names)
-        self.total_bytes = 0
-
-    @property
-    def directory(self) -> Path:
-        """Where side files (config, tokenizer, logs) go before finalize()."""
-        return self.tmp
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        t = tensor.detach().cpu().contiguous()
-        nbytes = t.numel() * t.element_size()
-        if self.pending and self.pending_bytes + nbytes > self.max_shard_bytes:
-            self.flush()
-        self.pending[name] = t
-        self.pending_bytes += nbytes
-        self.total_bytes += nbytes
-
-    def add_all(self, prefix: str, tensors: dict[str, torch.Tensor]) -> None:
-        for k, v in tensors.items():
-            self.add(f"{prefix}.{k}" if prefix else k, v)
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        name = f"shard-{len(self.shards):05d}.tmp.safetensors"
-        try:
-            save_file(self.pending, str(self.tmp / name), metadata={"format": "pt"})
-        except OSError as e:  # disk full and friends: nothing at `out` was touched
-            raise write_error(self.tmp / name, e) from e
-        self.shards.append((name, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
-
-    def finalize(self) -> Path:
-        self.flush()
-        n = len(self.shards)
-        weight_map: dict[str, str] = {}
-        for i, (tmpname, names) in enumerate(self.shards):
-            final = SINGLE_FILE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(self.tmp / tmpname, self.tmp / final)
-            weight_map.update({k: final for k in names})
-        if n > 1:
-            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-            (self.tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        (self.tmp / COMPLETE_MARK).write_text("")
-        return publish(self.tmp, self.out, self.overwrite)
 
 
 def publish(tmp: Path, out: Path, overwrite: bool) -> Path:
@@ -285,8 +222,9 @@ def assemble_shards(sources: Iterable[Path | tuple[Path, list[str]]], folder: Pa
                     ) -> list[str]:
     """Copy every tensor of `sources` (safetensors files, read in order; within a file in the
     order its metadata "order" lists, else name order; a (file, names) pair copies just those)
-    into shards of at most `max_shard_bytes` inside `folder`, named and indexed like
-    ShardWriter's. Returns the shard file names."""
+    into shards of at most `max_shard_bytes` inside `folder`: one shard is model.safetensors,
+    several are model-0000i-of-0000n.safetensors with model.safetensors.index.json. Returns the
+    shard file names."""
     plan: list[list[tuple[str, Path, dict, int]]] = [[]]
     size = 0
     total = 0

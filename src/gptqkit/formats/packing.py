@@ -120,10 +120,3 @@ def unpack_qzeros(qzeros: torch.Tensor, bits: int, n: int, fmt: str = "gptq") ->
     if fmt != "gptq_v2":
         raise ValueError(f"checkpoint_format must be 'gptq' or 'gptq_v2', got {fmt!r}")
     return z
-
-
-def dequantize(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Unpacked q [K, N], scales/zeros [G, N], g_idx [K] -> W^T [K, N]: w = scale·(q − z)."""
-    g = g_idx.long()
-    return (scales[g].to(dtype) * (q.to(dtype) - zeros[g].to(dtype)))

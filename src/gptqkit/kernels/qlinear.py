@@ -15,6 +15,7 @@ from torch import nn
 
 from ..errors import BackendError
 from ..formats.packing import SUPPORTED_BITS
+from .torch_ref import TorchBackend, dequantize_layer
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +41,10 @@ def register_backend(name: str, factory: Callable[[], Backend]) -> None:
     _REGISTRY[name] = factory
 
 
-def backend_names() -> list[str]:
-    _import_builtin_backends()
-    return list(_REGISTRY)
+register_backend("torch", TorchBackend)  # the reference: every layer, every device; the fallback
 
 
 def _import_builtin_backends() -> None:
-    from . import torch_ref  # noqa: F401  (registers "torch")
     for mod in ("cpu", "triton"):
         try:
             __import__(f"{__package__}.{mod}")
@@ -115,15 +113,8 @@ class QuantLinear(nn.Module):
         return f"QuantLinear(K={self.in_features}, N={self.out_features}, bits={self.bits}, g={self.group_size})"
 
     @property
-    def has_act_order(self) -> bool:
-        """True when g_idx is not the plain c // g (act-order checkpoints)."""
-        plain = torch.arange(self.in_features, device=self.g_idx.device) // self.group_size
-        return not torch.equal(self.g_idx.long(), plain)
-
-    @property
     def weight(self) -> torch.Tensor:
         """Dequantized weight [N, K] (for inspection and tools that read .weight; not a parameter)."""
-        from .torch_ref import dequantize_layer
         return dequantize_layer(self).T.contiguous()
 
     def post_init(self, backend: str | None = None) -> None:

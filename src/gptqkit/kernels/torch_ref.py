@@ -1,14 +1,20 @@
 """The reference backend: dequantize with plain torch, then matmul. Every bit width, every device.
 
 It keeps the codes unpacked (int8, one byte per weight) after `prepare` so each call is a
-gather + multiply + matmul; correctness, not speed, is its job.
+gather + multiply + matmul; correctness, not speed, is its job. qlinear.py registers it (this
+module does not import qlinear, so the two do not import each other).
 """
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..formats.packing import unpack_qweight, unpack_qzeros
-from .qlinear import QuantLinear, register_backend
+from ..quant.grid import dequantize
+
+if TYPE_CHECKING:
+    from .qlinear import QuantLinear
 
 
 def unpack_layer(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
@@ -21,9 +27,7 @@ def unpack_layer(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
 def dequantize_layer(layer: QuantLinear, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Wᵀ [K, N] = scales[g_idx] · (q − zeros[g_idx])."""
     q, z = unpack_layer(layer)
-    g = layer.g_idx.long()
-    dtype = dtype or torch.float32
-    return layer.scales[g].to(dtype) * (q.to(dtype) - z[g].to(dtype))
+    return dequantize(q, layer.scales, z, layer.g_idx, dtype or torch.float32)
 
 
 class TorchBackend:
@@ -39,12 +43,8 @@ class TorchBackend:
 
     def forward(self, layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype if x.dtype.is_floating_point else torch.float32
-        g = layer.g_idx.long()
-        w = layer.scales[g].to(dtype) * (layer._ref_q.to(dtype) - layer._ref_z[g].to(dtype))
+        w = dequantize(layer._ref_q, layer.scales, layer._ref_z, layer.g_idx, dtype)
         y = x.to(dtype) @ w
         if layer.bias is not None:
             y = y + layer.bias.to(dtype)
         return y
-
-
-register_backend("torch", TorchBackend)

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..config import QuantizeConfig
 from ..errors import CheckpointError
-from ..formats.checkpoint import iter_tensors
+from ..formats.checkpoint import GPTQ_TENSORS, iter_tensors
 from ..kernels.qlinear import QuantLinear
 from .source import resolve_model_path
 
@@ -91,7 +91,7 @@ def load_quantized(path: str | Path, *, backend: str | None = None, device: str 
         model.config.tie_word_embeddings = False
     state = dict(tensors)
     # floats that are not GPTQ metadata take the model dtype; GPTQ tensors keep theirs
-    qparts = (".qweight", ".qzeros", ".scales", ".g_idx")
+    qparts = tuple(f".{n}" for n in GPTQ_TENSORS)
     qset = set(qnames)
     def keep(k: str, t: torch.Tensor) -> bool:
         return k.endswith(qparts) or (k.rsplit(".", 1)[0] in qset and k.endswith(".bias")) \

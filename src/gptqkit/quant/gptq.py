@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from .grid import find_params, quantize
+from .grid import dequantize, find_params, quantize
 from .result import QuantResult
 from .rtn import group_index, rtn_solve
 
@@ -47,13 +47,6 @@ class Hessian:
         self.H.mul_(self.n / (self.n + m))
         self.n += m
         self.H.addmm_(x.T, x, alpha=2.0 / self.n)
-
-    def merge(self, other: "Hessian") -> None:
-        """Combine with a Hessian accumulated over other rows (e.g. on another rank)."""
-        n = self.n + other.n
-        if n:
-            self.H = (self.H * self.n + other.H.to(self.H) * other.n) / n
-        self.n = n
 
 
 def _inverse_cholesky(H: torch.Tensor, damp_percent: float, damp_auto_increment: float
@@ -149,7 +142,7 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = -1
             q = quantize(w, scale, zero, maxq)
             Q[:, col] = q
             err = Err1[:, i]
-            torch.sub(w, scale * (q - zero), out=err)
+            torch.sub(w, dequantize(q, scale, zero), out=err)
             err.div_(Hinv1[i, i])
             W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
         # (w − ŵ)²/d² summed over the block's columns = Σ err², the reference's loss

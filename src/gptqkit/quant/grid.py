@@ -59,9 +59,18 @@ def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int
     return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
 
 
-def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx: torch.Tensor | None = None,
+               dtype: torch.dtype | None = None) -> torch.Tensor:
+    """w = scale·(q − zero): the one definition of the grid, for the solver, QuantResult and the
+    kernels' reference alike.
+
+    Without g_idx the arguments broadcast as given. With g_idx [K], q is [K, N] (input-major, as
+    stored) and scale/zero are per group [G, N]: row k takes group g_idx[k]. dtype: compute in it
+    (else as the arguments promote).
+    """
+    if g_idx is not None:
+        g = g_idx.long()
+        scale, zero = scale[g], zero[g]
+    if dtype is not None:
+        scale, q, zero = scale.to(dtype), q.to(dtype), zero.to(dtype)
     return scale * (q - zero)
-
-
-def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
-    return dequantize(quantize(w, scale, zero, maxq), scale, zero)

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .grid import dequantize
+
 
 @dataclass
 class QuantResult:
@@ -17,6 +19,6 @@ class QuantResult:
     method: str            # "gptq", "rtn", or "rtn-fallback" when the Hessian could not be used
 
     def dequantize(self) -> torch.Tensor:
-        """W_q [N, K] in float32."""
-        g = self.g_idx.long()
-        return (self.scales[g].T * (self.q.float() - self.zeros[g].T.float()))
+        """W_q [N, K], float32 (float64 with float64 scales)."""
+        dtype = torch.promote_types(self.scales.dtype, torch.float32)
+        return dequantize(self.q.T, self.scales, self.zeros, self.g_idx, dtype).T
