@@ -2,7 +2,7 @@
 
     python benchmarks/quantize_speed.py --nsamples 64 --seqlen 512
 
-The floor (DESIGN.md, "Measuring performance"): one forward per block over all calibration
+The floor (docs/ARCHITECTURE.md, the minimum work of a run): one forward per block over all calibration
 tokens (every linear: 2·T·K·N; attention: 2·2·L²·d per head and sequence, the full square as
 SDPA computes it) plus one Hessian per distinct linear input (2·T·K²), divided by the fp32
 matmul rate measured here, in this process, on shapes of this model. The GPTQ solves

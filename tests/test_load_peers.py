@@ -1,6 +1,6 @@
 """Loading peers' GPTQ checkpoints (AutoGPTQ, GPTQModel, transformers/optimum spellings).
 
-The checkpoints are built BY HAND from the format spec in DESIGN.md with an independent packer
+The checkpoints are built BY HAND from the format spec in docs/ARCHITECTURE.md with an independent packer
 (a plain per-bit loop in numpy, written here), never with gptqkit's writer or packers, so a bug
 shared by gptqkit's packer and unpacker cannot hide. The reference is the float model whose
 linears hold W = scale·(q − z) computed here from the integer codes.
@@ -46,7 +46,7 @@ def pack_bits(values: np.ndarray, bits: int, axis: int) -> np.ndarray:
 
 
 def test_independent_packer_matches_spec_for_3_bits():
-    # DESIGN.md: word0 holds v0-v9 and the low 2 bits of v10; word1 bit 2 of v10 at bit 0,
+    # docs/ARCHITECTURE.md: word0 holds v0-v9 and the low 2 bits of v10; word1 bit 2 of v10 at bit 0,
     # v11-v20, low bit of v21 at 31; word2 the top 2 bits of v21 at 0-1, v22-v31 at 2-31.
     v = np.zeros(32, dtype=np.int64)
     v[10] = 0b101

@@ -1,4 +1,4 @@
-"""Bit-exact packing of qweight/qzeros (2/3/4/8 bits, v1/v2 zeros) as DESIGN.md specifies.
+"""Bit-exact packing of qweight/qzeros (2/3/4/8 bits, v1/v2 zeros) as docs/ARCHITECTURE.md specifies.
 
 The expected words come from literal constants worked out by hand and from an independent
 pure-Python reference: 32 consecutive values form one integer Σ v_j · 2^(b·j), cut into b
