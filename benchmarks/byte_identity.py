@@ -13,7 +13,8 @@ sharding):
 plain; killed after block 1 then `--resume`; `--max-memory` (hidden states on disk);
 `--batch-size` (block replay per chunk); torchrun with 2 processes (gloo); and the paths with
 no other byte check: `--lm-head`, `--no-true-sequential`, `--method rtn`, asymmetric gptq_v2.
-`--real` adds the README main job's model (the built-in SmolLM2-135M) with few samples.
+`--real` adds the README main job's model (the built-in SmolLM2-135M, Shakespeare calibration)
+with 8 samples of 128 tokens: plain, resume, max-memory, batch-size, torchrun 2.
 Every subprocess runs with OMP_NUM_THREADS=1, so summation order does not depend on the load.
 """
 from __future__ import annotations
@@ -44,6 +45,14 @@ CASES: dict[str, dict] = {
     "not_true_sequential": {"args": ["--no-true-sequential"]},
     "rtn": {"args": ["--method", "rtn"]},
     "asym_v2_no_desc_act": {"args": ["--asym", "--format", "gptq_v2", "--no-desc-act"]},
+}
+
+REAL_CASES: dict[str, dict] = {
+    "real_plain": {},
+    "real_resume": {"kill_after": 10},
+    "real_max_memory": {"args": ["--max-memory", "4MB", "--batch-size", "4"]},
+    "real_batch_size": {"args": ["--batch-size", "4"]},
+    "real_torchrun2": {"nproc": 2},
 }
 
 
@@ -110,7 +119,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/gptqkit-byte-identity"))
     ap.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of " + ",".join(CASES))
-    ap.add_argument("--real", action="store_true", help="also the built-in SmolLM2-135M (plain, resume)")
+    ap.add_argument("--real", action="store_true", help="also the built-in SmolLM2-135M: " + ",".join(REAL_CASES))
     ap.add_argument("--compare", nargs=2, type=Path, metavar=("A.json", "B.json"),
                     help="compare two outputs of this script instead of running")
     a = ap.parse_args()
@@ -128,12 +137,12 @@ def main() -> None:
     src = build_tiny(a.work / "tiny-llama")
     base = [str(src)] + [t.format(text=text) for t in TINY]
     results = {}
-    for name in a.cases.split(","):
+    for name in filter(None, a.cases.split(",")):
         results[name] = run_case(name, CASES[name], base, a.work)
     if a.real:  # the README main job's model and calibration text, few samples, no evaluation
         real = ["--nsamples", "8", "--seqlen", "128", "--no-eval", "--json"]
-        results["real_plain"] = run_case("real_plain", {}, real, a.work)
-        results["real_resume"] = run_case("real_resume", {"kill_after": 10}, real, a.work)
+        for name, case in REAL_CASES.items():
+            results[name] = run_case(name, case, real, a.work)
     print(json.dumps({"gptqkit": str(Path(gptqkit.__file__).parent), "cases": results}, indent=1))
 
 
