@@ -387,7 +387,9 @@ def tmpfs(tmp_path):
         return d
     yield make
     for d in mounted:
-        subprocess.run(["umount", str(d)], capture_output=True)
+        if subprocess.run(["umount", str(d)], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(d)], capture_output=True)
+            raise AssertionError(f"{d} was still busy: something kept a file open there after the run failed")
 
 
 def test_out_on_a_read_only_filesystem(tmpfs, tiny_llama_dir, tiny_text_file, capsys):

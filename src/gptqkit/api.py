@@ -13,6 +13,7 @@ import torch
 
 from .config import DEFAULT_NSAMPLES, DEFAULT_SEQLEN, QuantizeConfig
 from .models.pipeline import QuantizeReport, quantize_model
+from .models.resume import check_out
 from .models.source import ModelHandle, check_seqlen, max_positions
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ def quantize(model: str | Path | None, calib: str | Path | Sequence[str] | Seque
         raise TypeError(f"pass either config or keyword settings, not both (got {sorted(config_kwargs)})")
     config = config or QuantizeConfig(**config_kwargs)
     path = resolve_model(model)
+    out = check_out(out, path, overwrite=overwrite, resume=resume)
     handle = ModelHandle(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     check_seqlen(seqlen, max_positions(handle.config))
     tok = load_tokenizer(handle.path, trust_remote_code)

@@ -661,6 +661,8 @@ def quantize_model(handle: ModelHandle, input_ids: torch.Tensor, config: Quantiz
         raise InterruptedRunError(
             f"interrupted in block {i}; the {run.next_block} finished block(s) are kept in {run.directory}. "
             "Run the same command with --resume (resume=True) to continue") from e
+    finally:
+        run.release()  # the lock on <out>.partial, whatever happened
     return report
 
 

@@ -182,10 +182,13 @@ def _lock(folder: Path) -> int:
     return fd
 
 
-def _unlock(folder: Path) -> None:
+def _unlock(folder: Path, remove: bool = False) -> None:
+    """Close our lock. The file stays unless `remove` (when the folder is about to become the
+    checkpoint): unlinking a lock file others may have opened would let two runs lock two inodes."""
     fd = _HELD.pop(str(folder.resolve()), None)
     if fd is not None:
-        (folder / LOCK_FILE).unlink(missing_ok=True)
+        if remove:
+            (folder / LOCK_FILE).unlink(missing_ok=True)
         os.close(fd)
 
 
@@ -262,6 +265,11 @@ class RunDir:
                 "exact command of that run with the same model files and --resume, or run without --resume "
                 "to discard it and start over")
         return state
+
+    def release(self) -> None:
+        """Give up the lock (finalize does it too); the folder stays for --resume."""
+        if not self.rank:
+            _unlock(self.tmp)
 
     # ------------------------------------------------------------------ state
     @property
@@ -340,7 +348,7 @@ class RunDir:
         (self.tmp / COMPLETE_MARK).write_text("")
         if self.overwrite:
             check_replaceable(self.out)  # a folder of other files may have appeared there meanwhile
-        _unlock(self.tmp)  # the lock file must not travel into the checkpoint
+        _unlock(self.tmp, remove=True)  # the lock file must not travel into the checkpoint
         _fsync_dir(self.tmp)
         return publish(self.tmp, self.out, self.overwrite)
 
