@@ -105,11 +105,11 @@ def test_holdout_leaves_room_for_calibration():
         holdout_tokens(800, 512, 16, 512)
 
 
-def test_calibration_never_draws_the_held_out_tail():
-    from conftest import build_tiny_tokenizer, tiny_text
-    tok = build_tiny_tokenizer()
+def test_calibration_never_draws_the_held_out_tail(tiny_llama_dir, tiny_text_file):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)  # one token per character
     tail = "9" * 640
-    text = tiny_text(10) + tail
+    text = tiny_text_file.read_text()[:800] + tail
     nine = tok.convert_tokens_to_ids("9")
     drawn = calibration_batches(tok, [text], nsamples=64, seqlen=64, seed=0).input_ids
     assert bool((drawn == nine).any())  # without a hold-out, the tail is drawn

@@ -35,7 +35,7 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
 
 
 def quantize(model: str | Path | None, calib: str | Path | Sequence[str] | Sequence[dict], out: str | Path,
-             config: QuantizeConfig | None = None, *, nsamples: int = DEFAULT_NSAMPLES, seqlen: int = DEFAULT_SEQLEN, seed: int = 0,
+             config: QuantizeConfig | None = None, *, nsamples: int = DEFAULT_NSAMPLES, seqlen: int | None = None, seed: int = 0,
              batch_size: int | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
              overwrite: bool = False, trust_remote_code: bool = False, progress: bool = True,
              resume: bool = False, max_memory: int | str | None = None, holdout: int = 0,
@@ -45,6 +45,8 @@ def quantize(model: str | Path | None, calib: str | Path | Sequence[str] | Seque
     strings, or AutoGPTQ-style examples (dicts with input_ids / attention_mask).
     resume=True continues an interrupted run from `<out>.partial` (same inputs required);
     max_memory ('4GB') keeps calibration activations on disk when they would exceed it.
+    seqlen: tokens per calibration window (pre-tokenized examples are cut to it); default 512, or
+    the model's maximum positions if fewer. A longer seqlen than the model covers is refused.
     holdout: tokens at the end of a text `calib` never drawn (kept for evaluation).
     SIGTERM is treated like Ctrl-C while this runs: finished blocks are kept for `resume`."""
     from .data import calibration_batches
@@ -54,10 +56,12 @@ def quantize(model: str | Path | None, calib: str | Path | Sequence[str] | Seque
     path = resolve_model(model)
     out = check_out(out, path, overwrite=overwrite, resume=resume)
     handle = ModelHandle(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    check_seqlen(seqlen, max_positions(handle.config))
+    limit = max_positions(handle.config)
+    if seqlen is None:  # the default, capped at what the model's positions cover
+        seqlen = min(DEFAULT_SEQLEN, limit) if limit else DEFAULT_SEQLEN
+    check_seqlen(seqlen, limit)
     tok = load_tokenizer(handle.path, trust_remote_code)
     cal = calibration_batches(tok, calib, nsamples=nsamples, seqlen=seqlen, seed=seed, holdout=holdout)
-    check_seqlen(int(cal.input_ids.shape[1]), max_positions(handle.config))  # pre-tokenized examples
     # record the calibration in the checkpoint's config, without touching the caller's object
     source = str(calib) if isinstance(calib, (str, Path)) else "<python>"
     config = dataclasses.replace(config, meta={**config.meta, "calibration": {
