@@ -89,6 +89,8 @@ def quantize_model(handle: ModelHandle, input_ids: torch.Tensor, config: Quantiz
         raise InterruptedRunError(
             f"interrupted in block {i}; the {run_dir.next_block} finished block(s) are kept in {run_dir.directory}. "
             "Run the same command with --resume (resume=True) to continue") from e
+    finally:
+        run_dir.release()  # the lock on <out>.partial, whatever happened
     return r.report
 
 

@@ -50,6 +50,9 @@ def check_layers_fit(block: nn.Module, spec: ArchSpec, config: QuantizeConfig, p
             raise ConfigError(f"{prefix}.{n} has {K} inputs; {cfg.bits}-bit qweight packs {need} inputs per "
                               f"word, so K must be a multiple of {need}. Skip it with a dynamic rule "
                               f"{{'-:{n}': {{}}}} or pick other bits")
+        if cfg.group_size > K:
+            raise ConfigError(f"group size {cfg.group_size} is larger than {prefix}.{n}, which has {K} inputs; use "
+                              f"a group size of at most {K}, or -1 for one group per row")
 
 
 def block_jobs(block: nn.Module, spec: ArchSpec, config: QuantizeConfig, prefix: str) -> list[LinearJob]:
