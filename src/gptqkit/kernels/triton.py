@@ -37,6 +37,7 @@ kernels run in Triton's interpreter on the CPU: slow, used by the tests).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -95,9 +96,11 @@ def interpreter_ready() -> bool:
 
 # GMODE: how a K row finds its group. 0: the whole BLOCK_K tile is one group (k0 // GS), one
 # scales row per tile; 1: per row, k // GS; 2: per row, read from g_idx (irregular groups only).
-def _qmm_kernel(x_ptr, qw_ptr, s_ptr, sz_ptr, g_ptr, y_ptr, M, N, K, GS, stride_xm, stride_ym,
+# SPLIT_K is a runtime argument (a new split count must not compile a new kernel); ATOMIC says
+# whether partial sums are added (SPLIT_K > 1) or stored.
+def _qmm_kernel(x_ptr, qw_ptr, s_ptr, sz_ptr, g_ptr, y_ptr, M, N, K, GS, stride_xm, stride_ym, SPLIT_K,
                 BITS: tl.constexpr, VPW: tl.constexpr, GMODE: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, FP32: tl.constexpr):
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr, FP32: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -144,10 +147,10 @@ def _qmm_kernel(x_ptr, qw_ptr, s_ptr, sz_ptr, g_ptr, y_ptr, M, N, K, GS, stride_
                 acc += tl.dot(x, w.to(x.dtype))
     ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
     omask = mmask[:, None] & nmask[None, :]
-    if SPLIT_K == 1:
-        tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=omask)
-    else:
+    if ATOMIC:
         tl.atomic_add(ptrs, acc, mask=omask)
+    else:
+        tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=omask)
 
 
 def _dequant_kernel(qw_ptr, s_ptr, sz_ptr, g_ptr, w_ptr, N, K, GS,
@@ -265,6 +268,7 @@ def _block_k(default: int, layout: TritonLayout) -> tuple[int, int]:
     return default, 1
 
 
+@functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -333,8 +337,8 @@ def matmul(layout: TritonLayout, x: torch.Tensor, path: str | None = None) -> to
         g = layout.g_idx if layout.g_idx is not None else layout.scales  # unused pointer unless GMODE 2
         qmm[(tiles_n, split, tiles_m)](
             x2, layout.qweight, layout.scales, layout.scaled_zeros, g, y, M, N, K, layout.group_size,
-            x2.stride(0), y.stride(0), BITS=layout.bits, VPW=layout.vpw, GMODE=gmode, BLOCK_M=BM, BLOCK_N=BN,
-            BLOCK_K=BK, SPLIT_K=split, FP32=x2.dtype == torch.float32)
+            x2.stride(0), y.stride(0), split, BITS=layout.bits, VPW=layout.vpw, GMODE=gmode, BLOCK_M=BM,
+            BLOCK_N=BN, BLOCK_K=BK, ATOMIC=split > 1, FP32=x2.dtype == torch.float32)
     if layout.bias is not None:
         y = y + layout.bias.to(y.dtype)
     return y.to(out_dtype).reshape(*shape[:-1], N)
