@@ -95,6 +95,7 @@ def cmd_quantize(a) -> int:
     t0 = time.perf_counter()
     rep = quantize(model_path, a.calib, out, cfg, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
                    batch_size=a.batch_size, overwrite=a.overwrite, dtype=_dtype(a.dtype), progress=not a.json,
+                   device=a.device,
                    resume=a.resume, max_memory=a.max_memory)
     if not rank0:
         return 0
@@ -258,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--batch-size", type=int, default=None,
                    help="calibration sequences per forward chunk (default all: least work, most memory)")
     q.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    q.add_argument("--device", default="auto",
+                   help="where blocks, Hessians and the solver run: auto (CUDA when available), cpu, cuda, cuda:N")
     q.add_argument("--out", default=None)
     q.add_argument("--overwrite", action="store_true")
     q.add_argument("--resume", action="store_true",
