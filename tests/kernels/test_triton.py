@@ -206,3 +206,17 @@ def test_in_subprocess():
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
                        env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+
+
+@needs_in_process
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("group,act_order", [(32, True), (128, False), (-1, False)])
+def test_wide_unpack(make_layer, make_pair, relerr, monkeypatch, bits, group, act_order):
+    """The word-at-a-time unpacking (off by default until timed on a GPU) gives the same products."""
+    monkeypatch.setattr(tk, "WIDE_UNPACK", True)
+    K, N = 256, 40
+    layer, ref = make_pair(make_layer(K, N, bits, group, sym=False, fmt="gptq_v2", act_order=act_order,
+                                      bias=True).to(DEVICE), "triton")
+    for path, M in (("decode", 1), ("decode", 5), ("gemm", 20)):
+        x = torch.randn(M, K).to(DEVICE)
+        assert relerr(tk.matmul(layer.layout, x, path=path), _exact(ref, x)) < 2e-5, (path, M)

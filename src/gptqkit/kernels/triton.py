@@ -70,6 +70,10 @@ def _env_int(name: str, default: int) -> int:
 DECODE_MAX_M = _env_int("GPTQKIT_TRITON_DECODE_MAX_M", 16)
 DEQUANT_MIN_M = _env_int("GPTQKIT_TRITON_DEQUANT_MIN_M", 256)
 PROGRAMS_PER_SM = 4          # decode: split K until about this many programs per SM are launched
+# Unpack each loaded word into its VPW rows in registers (2/4/8-bit) instead of loading the word
+# once per row. Verified in the interpreter; off by default until benchmarks/gpu_check.py's tile
+# sweep has timed both on a GPU (the reshape may cost register shuffles that eat the gain).
+WIDE_UNPACK = _env_int("GPTQKIT_TRITON_WIDE_UNPACK", 0) == 1
 PATHS = ("decode", "gemm", "dequant")
 
 # tile shapes (BLOCK_M, BLOCK_N, BLOCK_K); BLOCK_K shrinks to the group size when that lets a
@@ -100,7 +104,8 @@ def interpreter_ready() -> bool:
 # whether partial sums are added (SPLIT_K > 1) or stored.
 def _qmm_kernel(x_ptr, qw_ptr, s_ptr, sz_ptr, g_ptr, y_ptr, M, N, K, GS, stride_xm, stride_ym, SPLIT_K,
                 BITS: tl.constexpr, VPW: tl.constexpr, GMODE: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr, FP32: tl.constexpr):
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr, FP32: tl.constexpr,
+                WIDE: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -115,8 +120,18 @@ def _qmm_kernel(x_ptr, qw_ptr, s_ptr, sz_ptr, g_ptr, y_ptr, M, N, K, GS, stride_
         kmask = rk < K
         wmask = kmask[:, None] & nmask[None, :]
         x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
-        words = tl.load(qw_ptr + (rk // VPW)[:, None] * N + rn[None, :], mask=wmask, other=0)
-        q = (words >> ((rk % VPW) * BITS)[:, None]) & maxq
+        if WIDE:
+            # each word loaded once and unpacked into VPW rows (BLOCK_K // VPW loads per column
+            # instead of BLOCK_K); rows past K hold zeros or other codes but meet x = 0 there
+            rw = k0 // VPW + tl.arange(0, BLOCK_K // VPW)
+            words = tl.load(qw_ptr + rw[:, None] * N + rn[None, :],
+                            mask=(rw < (K + VPW - 1) // VPW)[:, None] & nmask[None, :], other=0)
+            q3 = (words[:, None, :] >> (tl.arange(0, VPW) * BITS)[None, :, None]) & maxq
+            q = tl.reshape(q3, (BLOCK_K, BLOCK_N))
+        else:
+            # one load per (row, column): rows sharing a word hit the same address (cached)
+            words = tl.load(qw_ptr + (rk // VPW)[:, None] * N + rn[None, :], mask=wmask, other=0)
+            q = (words >> ((rk % VPW) * BITS)[:, None]) & maxq
         if GMODE == 0:
             g = k0 // GS
             s = tl.load(s_ptr + g * N + rn, mask=nmask, other=0.0)
@@ -338,7 +353,8 @@ def matmul(layout: TritonLayout, x: torch.Tensor, path: str | None = None) -> to
         qmm[(tiles_n, split, tiles_m)](
             x2, layout.qweight, layout.scales, layout.scaled_zeros, g, y, M, N, K, layout.group_size,
             x2.stride(0), y.stride(0), split, BITS=layout.bits, VPW=layout.vpw, GMODE=gmode, BLOCK_M=BM,
-            BLOCK_N=BN, BLOCK_K=BK, ATOMIC=split > 1, FP32=x2.dtype == torch.float32)
+            BLOCK_N=BN, BLOCK_K=BK, ATOMIC=split > 1, FP32=x2.dtype == torch.float32,
+            WIDE=WIDE_UNPACK and layout.bits != 3 and BK % layout.vpw == 0)
     if layout.bias is not None:
         y = y + layout.bias.to(y.dtype)
     return y.to(out_dtype).reshape(*shape[:-1], N)
