@@ -99,37 +99,72 @@ def log(msg: str) -> None:
 
 # ---------------------------------------------------------------- timing
 
-def timer(device: str, iters: int):
-    """ms_of(fn): median milliseconds of `iters` calls after warm-up (CUDA events on a GPU)."""
-    def ms_of(fn) -> float:
-        warm = 10 if device == "cuda" else 1
-        for _ in range(warm):
-            fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-            ts = []
-            for _ in range(iters):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                b.synchronize()
-                ts.append(a.elapsed_time(b))
-            return statistics.median(ts)
+# Weights are rotated over copies totalling at least this many bytes, so that every call reads
+# them from HBM, as a decode step does (an H200's 50 MB L2 would hold one 8192x8192 4-bit layer).
+ROTATE_BYTES = 256 << 20
+
+
+def bench(dev: str, iters: int, fns: list) -> dict:
+    """Per-call milliseconds of fns (one call per weight copy, run in turn).
+
+    ms: on CUDA, one CUDA graph holding one call per copy is captured and replayed `iters` times,
+    each replay timed with CUDA events; the median / len(fns) is the GPU time of a call without
+    Python's launch overhead (which at M=1 can exceed the kernel itself). eager_ms: the same calls
+    launched from Python, back to back, timed the same way (what an eager decode loop pays).
+    On the CPU both are perf_counter medians."""
+    C = len(fns)
+
+    def run_all():
+        for f in fns:
+            f()
+
+    if dev != "cuda":
+        run_all()
         ts = []
         for _ in range(iters):
             t0 = time.perf_counter()
+            run_all()
+            ts.append((time.perf_counter() - t0) * 1e3 / C)
+        m = statistics.median(ts)
+        return {"ms": m, "eager_ms": m, "timing": "perf_counter"}
+
+    def events(fn) -> float:
+        ts = []
+        for _ in range(iters):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
             fn()
-            ts.append((time.perf_counter() - t0) * 1e3)
+            b.record()
+            b.synchronize()
+            ts.append(a.elapsed_time(b) / C)
         return statistics.median(ts)
-    return ms_of
+
+    for _ in range(3):  # warm-up: compilation, autotuning of cuBLAS, allocator
+        run_all()
+    torch.cuda.synchronize()
+    eager = events(run_all)
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            run_all()
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            run_all()
+        for _ in range(3):
+            g.replay()
+        torch.cuda.synchronize()
+        return {"ms": events(g.replay), "eager_ms": eager, "timing": "cuda_graph"}
+    except Exception as e:  # noqa: BLE001
+        return {"ms": eager, "eager_ms": eager, "timing": f"eager (graph capture failed: {type(e).__name__}: {e})"[:200]}
 
 
-def copy_bandwidth(device: str, ms_of, nbytes: int) -> float:
+def copy_bandwidth(dev: str, iters: int, nbytes: int) -> float:
     """GB/s of a device-to-device copy (read + write counted)."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=dev)
     dst = torch.empty_like(src)
-    ms = ms_of(lambda: dst.copy_(src))
+    ms = bench(dev, iters, [lambda: dst.copy_(src)])["ms"]
     del src, dst
     return 2 * nbytes / ms / 1e6
 
@@ -178,11 +213,11 @@ def step_correctness(a, dev: str) -> dict:
 
 # ---------------------------------------------------------------- step 2
 
-def random_layer(K: int, N: int, bits: int, group: int, dev: str) -> QuantLinear:
+def random_layer(K: int, N: int, bits: int, group: int, dev: str, seed: int = 0) -> QuantLinear:
     """A 4-bit-style layer with random codes made directly on the device (packing 100M codes on the
     CPU would take longer than the timings): random qweight words, symmetric zero points."""
     layer = QuantLinear(K, N, bits, group).to(dev)
-    gen = torch.Generator(device=dev).manual_seed(0)
+    gen = torch.Generator(device=dev).manual_seed(seed)
     layer.qweight.copy_(torch.randint(-2**31, 2**31 - 1, layer.qweight.shape, generator=gen, device=dev,
                                       dtype=torch.int64).to(torch.int32))
     zero_v1 = (1 << (bits - 1)) - 1  # v1 stores z - 1; symmetric z = 2^(b-1)
@@ -199,76 +234,94 @@ def step_timings(a, dev: str) -> dict:
     from torch.nn import functional as F
 
     from gptqkit.kernels import triton as tk
-    iters = a.iters or (3 if a.tiny else 50)
-    ms_of = timer(dev, iters)
-    shapes = [(128, 128), (256, 512)] if a.tiny else [(4096, 4096), (8192, 8192), (4096, 14336), (14336, 4096)]
+    iters = a.iters or (2 if a.tiny else 50)
+    shapes = [(64, 64), (128, 96)] if a.tiny else [(4096, 4096), (8192, 8192), (4096, 14336), (14336, 4096)]
     Ms = (1, 4, 16, 64) if a.tiny else (1, 4, 16, 64, 256, 1024)
-    bits, group = 4, 128 if not a.tiny else 64
-    bw = copy_bandwidth(dev, ms_of, (16 << 20) if a.tiny else (1 << 30))
+    bits, group = 4, 128 if not a.tiny else 32
+    rotate = 1 if a.tiny else ROTATE_BYTES  # tiny: two copies, enough to run the rotation
+    bw = copy_bandwidth(dev, iters, (16 << 20) if a.tiny else (1 << 30))
     log(f"copy bandwidth {bw:.0f} GB/s")
+    dt = torch.float16 if dev == "cuda" else torch.float32  # the CPU has no fast fp16 matmul
     rows, t0 = [], time.perf_counter()
     for K, N in shapes:
-        layer = random_layer(K, N, bits, group, dev)
-        W = torch.randn(N, K, device=dev, dtype=torch.float16) * 0.02
         G = -(-K // group)
         floor_bytes = K * N * bits // 8 + G * N * 2   # codes + fp16 scales (the checkpoint's bytes)
-        layout_bytes = layer.layout.nbytes            # what the kernel reads (fp32 scales and s*z)
-        dt = torch.float16 if dev == "cuda" else torch.float32  # the CPU has no fast fp16 matmul
+        layers = [random_layer(K, N, bits, group, dev, seed=i) for i in range(max(2, -(-rotate // floor_bytes)))]
+        Ws = [torch.randn(N, K, device=dev, dtype=dt) * 0.02 for _ in range(max(2, -(-rotate // (K * N * 2))))]
         for M in Ms:
             x = torch.randn(M, K, device=dev, dtype=dt)
+            tr = bench(dev, iters, [lambda lay=lay: lay(x) for lay in layers])
+            cb = bench(dev, iters, [lambda W=W: F.linear(x, W) for W in Ws])
             row = {"K": K, "N": N, "bits": bits, "group": group, "M": M, "dtype": str(dt)[6:],
-                   "path": tk.choose_path(M, K, N), "triton_ms": ms_of(lambda: layer(x)),
-                   "cublas_fp16_ms": ms_of(lambda: F.linear(x, W.to(dt)))}
+                   "path": tk.choose_path(M, K, N), "triton_ms": tr["ms"], "triton_eager_ms": tr["eager_ms"],
+                   "cublas_fp16_ms": cb["ms"], "cublas_eager_ms": cb["eager_ms"], "timing": tr["timing"],
+                   "weight_copies": len(layers)}
             if M > tk.DECODE_MAX_M:
                 for path in ("gemm", "dequant"):
-                    row[f"{path}_ms"] = ms_of(lambda: tk.matmul(layer.layout, x, path=path))
+                    row[f"{path}_ms"] = bench(dev, iters, [lambda lay=lay, p=path: tk.matmul(lay.layout, x, path=p)
+                                                           for lay in layers])["ms"]
             row["speedup_vs_cublas"] = row["cublas_fp16_ms"] / row["triton_ms"]
             row["floor_ms"] = floor_bytes / bw / 1e6
             row["vs_floor"] = row["triton_ms"] / row["floor_ms"]
-            row["layout_bytes"] = layout_bytes
+            row["layout_bytes"] = layers[0].layout.nbytes  # what the kernel reads (fp32 scales and s*z)
             rows.append(row)
             log(f"  {K}x{N} M={M:<5} {row['path']:<8} triton {row['triton_ms']:.4f} ms  cublas "
                 f"{row['cublas_fp16_ms']:.4f} ms  x{row['speedup_vs_cublas']:.2f}  floor x{row['vs_floor']:.2f}")
-        del layer, W
-    out = {"copy_bandwidth_GBps": bw, "iters": iters, "rows": rows,
-           "thresholds": {"DECODE_MAX_M": tk.DECODE_MAX_M, "DEQUANT_MIN_M": tk.DEQUANT_MIN_M}}
-    # the smallest prefill M from which dequant+matmul beats the tiled gemm on every shape
+        del layers, Ws
+    out = {"copy_bandwidth_GBps": bw, "iters": iters, "rows": rows, "rotate_bytes": rotate,
+           "thresholds": {"DECODE_MAX_M": tk.DECODE_MAX_M, "DEQUANT_MIN_M": tk.DEQUANT_MIN_M,
+                          "WIDE_UNPACK": tk.WIDE_UNPACK}}
+    # the smallest prefill M from which dequant+matmul beats the tiled gemm on every shape (and above)
     pre = sorted({r["M"] for r in rows if "gemm_ms" in r})
     win = [m for m in pre if all(r["dequant_ms"] <= r["gemm_ms"] for r in rows if r["M"] == m)]
     out["suggested_DEQUANT_MIN_M"] = win[0] if win and all(m in win for m in pre if m >= win[0]) else None
     if not a.no_sweep:
-        out["sweep"] = tile_sweep(a, dev, ms_of, bits, group)
+        out["sweep"] = tile_sweep(a, dev, iters, bits, group)
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
 
 
-def tile_sweep(a, dev, ms_of, bits, group) -> list[dict]:
-    """Tuning data for the next change: decode tiles / programs per SM at M=1, gemm tiles at M=64
-    and 256, on 8192x8192 (tiny: 256x256). The module's tile settings are restored afterwards."""
+def tile_sweep(a, dev, iters, bits, group) -> list[dict]:
+    """Tuning data for the next change: decode tiles x programs per SM x word unpacking at M=1 and
+    16, gemm tiles x unpacking at M=64 and 256, on 8192x8192 (tiny: 256x256). The module's settings
+    are restored afterwards."""
     from gptqkit.kernels import triton as tk
-    K = N = 256 if a.tiny else 8192
-    layer = random_layer(K, N, bits, group, dev)
-    saved = (tk.DECODE_TILE, tk.GEMM_TILE, tk.PROGRAMS_PER_SM)
+    K = N = 128 if a.tiny else 8192
+    rotate = 1 if a.tiny else ROTATE_BYTES
+    layers = [random_layer(K, N, bits, group, dev, seed=i) for i in range(max(2, -(-rotate // (K * N * bits // 8))))]
+    saved = (tk.DECODE_TILE, tk.GEMM_TILE, tk.PROGRAMS_PER_SM, tk.WIDE_UNPACK)
+    dt = torch.float16 if dev == "cuda" else torch.float32
     out = []
+
+    def one(path, M, **kw):
+        x = torch.randn(M, K, device=dev, dtype=dt)
+        try:
+            r = bench(dev, iters, [lambda lay=lay: tk.matmul(lay.layout, x, path=path) for lay in layers])
+            out.append({"path": path, "M": M, **kw, "ms": r["ms"]})
+        except Exception as e:  # noqa: BLE001 (a tile that does not compile is data, not a crash)
+            out.append({"path": path, "M": M, **kw, "error": f"{type(e).__name__}: {e}"[:300]})
+
+    dec_tiles = ((16, 64, 128), (16, 128, 128), (16, 32, 128), (16, 64, 64))
+    gemm_tiles = ((64, 64, 64), (64, 128, 64), (128, 128, 32), (32, 64, 64))
+    if a.tiny:  # the interpreter is slow: enough to run every branch of this function once
+        dec_tiles, gemm_tiles = dec_tiles[:2], gemm_tiles[:1]
     try:
-        x1 = torch.randn(1, K, device=dev, dtype=torch.float16 if dev == "cuda" else torch.float32)
-        for tile in ((16, 64, 128), (16, 128, 128), (16, 64, 256), (16, 32, 256)):
-            for pps in (2, 4, 8):
-                tk.DECODE_TILE, tk.PROGRAMS_PER_SM = tile, pps
-                out.append({"path": "decode", "M": 1, "tile": list(tile), "programs_per_sm": pps,
-                            "ms": ms_of(lambda: tk.matmul(layer.layout, x1, path="decode"))})
-        tk.DECODE_TILE, tk.PROGRAMS_PER_SM = saved[0], saved[2]
-        for M in (64, 256):
-            x = torch.randn(M, K, device=dev, dtype=x1.dtype)
-            for tile in ((64, 64, 64), (64, 128, 64), (128, 128, 32), (32, 64, 64)):
+        for wide in (False, True):
+            tk.WIDE_UNPACK = wide
+            for tile in dec_tiles:
+                # programs per SM: all three for the default tile, the default for the others
+                for pps in ((2, 4, 8) if tile == saved[0] and not a.tiny else (saved[2],)):
+                    tk.DECODE_TILE, tk.PROGRAMS_PER_SM = tile, pps
+                    for M in ((1, 16) if not a.tiny else (1,)):
+                        one("decode", M, tile=list(tile), programs_per_sm=pps, wide=wide)
+            tk.DECODE_TILE, tk.PROGRAMS_PER_SM = saved[0], saved[2]
+            for tile in gemm_tiles:
                 tk.GEMM_TILE = tile
-                out.append({"path": "gemm", "M": M, "tile": list(tile),
-                            "ms": ms_of(lambda: tk.matmul(layer.layout, x, path="gemm"))})
+                for M in ((64, 256) if not a.tiny else (32,)):
+                    one("gemm", M, tile=list(tile), wide=wide)
             tk.GEMM_TILE = saved[1]
-    except Exception as e:  # noqa: BLE001 (a tile that does not compile is data, not a crash)
-        out.append({"error": f"{type(e).__name__}: {e}"[:300]})
     finally:
-        tk.DECODE_TILE, tk.GEMM_TILE, tk.PROGRAMS_PER_SM = saved
+        tk.DECODE_TILE, tk.GEMM_TILE, tk.PROGRAMS_PER_SM, tk.WIDE_UNPACK = saved
     return out
 
 
@@ -337,7 +390,11 @@ def step_quantize(a, dev: str, work: Path) -> dict:
     secs = time.perf_counter() - t0
     res = {"model": info, "calibration": [nsamples, seqlen], "compute_dtype": str(dtype)[6:],
            "seconds_to_saved_checkpoint": round(secs, 2), "layers": len(rep.layers),
-           "block_forwards": rep.forwards, "mean_layer_loss": rep.to_dict()["mean_loss"],
+           "block_forwards": rep.forwards,
+           # Hessian accumulation + GPTQ solves; the rest is block forwards, loading and writing
+           # (including the per-block hidden-state files that make --resume possible)
+           "hessian_and_solve_seconds": round(sum(x.seconds for x in rep.layers), 2),
+           "mean_layer_loss": rep.to_dict()["mean_loss"],
            "checkpoint_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors"))}
     if dev == "cuda":
         res["peak_gpu_memory_GB"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
@@ -457,11 +514,13 @@ def table(res: dict) -> str:
     t = res.get("timings")
     if t:
         lines.append(f"timings (ms, median of {t['iters']}; copy bandwidth {t['copy_bandwidth_GBps']:.0f} GB/s):")
-        lines.append(f"  {'K':>6} {'N':>6} {'M':>5} {'path':<8} {'triton':>9} {'gemm':>9} {'dequant':>9} "
+        lines.append("  (triton/gemm/dequant/cublas: GPU time per call, CUDA-graph replay; eager: the triton call "
+                     "launched from Python; on the CPU both are perf_counter)")
+        lines.append(f"  {'K':>6} {'N':>6} {'M':>5} {'path':<8} {'triton':>9} {'eager':>9} {'gemm':>9} {'dequant':>9} "
                      f"{'cublas':>9} {'speedup':>8} {'floor':>9} {'xfloor':>7}")
         for r in t["rows"]:
             f = lambda k: f"{r[k]:9.4f}" if k in r else f"{'-':>9}"  # noqa: E731
-            lines.append(f"  {r['K']:>6} {r['N']:>6} {r['M']:>5} {r['path']:<8} {f('triton_ms')} {f('gemm_ms')} "
+            lines.append(f"  {r['K']:>6} {r['N']:>6} {r['M']:>5} {r['path']:<8} {f('triton_ms')} {f('triton_eager_ms')} {f('gemm_ms')} "
                          f"{f('dequant_ms')} {f('cublas_fp16_ms')} {r['speedup_vs_cublas']:8.2f} "
                          f"{f('floor_ms')} {r['vs_floor']:7.2f}")
         lines.append(f"  suggested DEQUANT_MIN_M: {t.get('suggested_DEQUANT_MIN_M')} (now {t['thresholds']})")
