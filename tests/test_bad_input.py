@@ -7,6 +7,7 @@ import errno
 import json
 import math
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -278,3 +279,130 @@ def test_ctrl_c_keeps_partial_and_cli_says_how_to_resume(tiny_llama_dir, tiny_te
 def test_interrupted_run_error_is_a_keyboard_interrupt():
     assert issubclass(InterruptedRunError, KeyboardInterrupt)
     assert math.isfinite(0.0)
+
+
+# ---------------------------------------------------------------- every command, through the CLI
+# Each case: exit code 2, one "error: ..." line naming the problem, no traceback, nothing written.
+def _cli(capsys, *argv) -> tuple[int, str]:
+    from gptqkit.cli import main
+    capsys.readouterr()
+    rc = main([str(a) for a in argv])
+    return rc, capsys.readouterr().err
+
+
+def _one_clear_line(rc: int, err: str, *words: str) -> None:
+    assert rc == 2, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory, tiny_llama_dir):
+    d = tmp_path_factory.mktemp("bad_files")
+    (d / "nul.txt").write_bytes(b"\0\0abc\0" * 200)
+    (d / "wrong.jsonl").write_text('{"content": "x"}\n')
+    (d / "short.txt").write_text("hi\n")
+    (d / "empty.txt").write_text("")
+    no_conf = d / "no_conf"
+    no_conf.mkdir()
+    (no_conf / "model.safetensors").write_bytes((tiny_llama_dir / "model.safetensors").read_bytes())
+    bad_json = d / "bad_json"
+    shutil.copytree(tiny_llama_dir, bad_json)
+    (bad_json / "config.json").write_text("{not json")
+    pickled = d / "pickled"
+    pickled.mkdir()
+    for f in tiny_llama_dir.glob("*.json"):
+        shutil.copy(f, pickled / f.name)
+    (pickled / "pytorch_model.bin").write_bytes(b"\x80\x02 a pickle that must never be opened")
+    return d
+
+
+QUANTIZE_CASES = {
+    "nsamples 0": (["--nsamples", "0"], ["--nsamples", "at least 1"]),
+    "seqlen 0": (["--seqlen", "0"], ["--seqlen", "at least 1"]),
+    "seqlen above positions": (["--seqlen", "1000"], ["--seqlen 1000", "maximum of 256 positions"]),
+    "eval seqlen above positions": (["--eval-seqlen", "300"], ["--eval-seqlen 300", "256"]),
+    "batch size 0": (["--batch-size", "0"], ["--batch-size"]),
+    "max windows 0": (["--max-windows", "0"], ["--max-windows"]),
+    "max memory not a size": (["--max-memory", "lots"], ["'lots' is not a size"]),
+    "group size above a layer": (["--group-size", "4096"], ["group size 4096", "64 inputs"]),
+    "group size 0": (["--group-size", "0"], ["group_size=0"]),
+    "damp out of range": (["--damp", "-1"], ["damp_percent"]),
+    "calib binary": (["--calib", "{d}/nul.txt"], ["binary"]),
+    "calib jsonl wrong keys": (["--calib", "{d}/wrong.jsonl"], ['"text" field']),
+    "calib too short": (["--calib", "{d}/short.txt"], ["tokens"]),
+    "calib empty": (["--calib", "{d}/empty.txt"], ["empty"]),
+    "calib missing": (["--calib", "{d}/none.txt"], ["does not exist"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(QUANTIZE_CASES))
+def test_quantize_bad_settings(case, bad_files, tiny_llama_dir, tiny_text_file, tmp_path, capsys):
+    extra, words = QUANTIZE_CASES[case]
+    out = tmp_path / "q"
+    args = ["quantize", tiny_llama_dir, "--calib", tiny_text_file, "--out", out, "--nsamples", "2", "--seqlen", "32",
+            "--group-size", "32", "--eval-seqlen", "32"] + [a.format(d=bad_files) for a in extra]
+    rc, err = _cli(capsys, *args)
+    _one_clear_line(rc, err, *words)
+    assert not out.exists() and not (tmp_path / "q.partial").exists()
+
+
+@pytest.mark.parametrize("folder,words", [("no_conf", ["no config.json"]), ("bad_json", ["config"]),
+                                          ("pickled", ["pickled", "safetensors"])])
+@pytest.mark.parametrize("cmd", ["quantize", "eval", "generate", "inspect"])
+def test_bad_model_folder_every_command(cmd, folder, words, bad_files, tiny_text_file, tmp_path, capsys):
+    src = bad_files / folder
+    if cmd == "inspect" and folder == "pickled":
+        words = ["no GPTQ quantization config"]  # inspect reads configs and headers, never weights
+    args = {"quantize": ["--calib", tiny_text_file, "--out", tmp_path / "q", "--group-size", "32"],
+            "eval": ["--text", tiny_text_file], "generate": ["hi"], "inspect": []}[cmd]
+    rc, err = _cli(capsys, cmd, src, *args)
+    _one_clear_line(rc, err, *words)
+    assert not (tmp_path / "q").exists()
+
+
+def test_eval_empty_text_and_generate_limits(tiny_llama_dir, bad_files, capsys):
+    rc, err = _cli(capsys, "eval", tiny_llama_dir, "--text", bad_files / "empty.txt")
+    _one_clear_line(rc, err, "empty")
+    rc, err = _cli(capsys, "generate", tiny_llama_dir, "hi", "--max-new-tokens", "1000")
+    _one_clear_line(rc, err, "maximum of 256 positions")
+    rc, err = _cli(capsys, "generate", tiny_llama_dir, "hi", "--temperature", "-1")
+    _one_clear_line(rc, err, "--temperature")
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A small tmpfs (mounted as root); skipped where mounting is not allowed."""
+    mounted = []
+
+    def make(opts: str) -> Path:
+        d = tmp_path / f"fs{len(mounted)}"
+        d.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(d)], capture_output=True)
+        if r.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+        mounted.append(d)
+        return d
+    yield make
+    for d in mounted:
+        if subprocess.run(["umount", str(d)], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(d)], capture_output=True)
+            raise AssertionError(f"{d} was still busy: something kept a file open there after the run failed")
+
+
+def test_out_on_a_read_only_filesystem(tmpfs, tiny_llama_dir, tiny_text_file, capsys):
+    ro = tmpfs("ro,size=1m")
+    rc, err = _cli(capsys, "quantize", tiny_llama_dir, "--calib", tiny_text_file, "--out", ro / "q", "--nsamples", "2",
+                   "--seqlen", "32", "--group-size", "32", "--no-eval")
+    _one_clear_line(rc, err, "not writable")
+
+
+def test_out_on_a_full_disk_keeps_a_resumable_partial(tmpfs, tiny_llama_dir, tiny_text_file, capsys):
+    full = tmpfs("size=96k")
+    args = ["quantize", tiny_llama_dir, "--calib", tiny_text_file, "--out", full / "q", "--nsamples", "8",
+            "--seqlen", "64", "--group-size", "32", "--no-eval"]
+    rc, err = _cli(capsys, *args)
+    _one_clear_line(rc, err, "disk full", "--resume")
+    assert (full / "q.partial").is_dir() and not (full / "q").exists()

@@ -83,8 +83,9 @@ def test_generate_json(cli_checkpoint, capsys):
 
 def test_quantize_rtn_overwrite(tiny_llama_dir, tiny_text_file, tmp_path, capsys):
     out = tmp_path / "rtn"
-    out.mkdir()
+    out.mkdir()  # a previous checkpoint: the only kind of folder --overwrite replaces
     (out / "stale.safetensors").write_bytes(b"old run")
+    (out / "quantize_config.json").write_text(json.dumps({"bits": 4, "group_size": 32, "quant_method": "gptq"}))
     rc, stdout, stderr = _run(capsys, "quantize", tiny_llama_dir, "--calib", tiny_text_file, "--nsamples", "2",
                               "--seqlen", "16", "--group-size", "32", "--bits", "8", "--method", "rtn", "--out",
                               out, "--no-eval", "--json", "--overwrite")

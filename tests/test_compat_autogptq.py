@@ -90,9 +90,11 @@ def run_script(src: str, model_dir: Path, workdir: Path, monkeypatch) -> dict:
     return ns
 
 
-def test_autogptq_readme_example_unchanged(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+def test_autogptq_readme_example_unchanged(tiny_llama_factory, tmp_path, monkeypatch, capsys):
     assert AUTOGPTQ_README_EXAMPLE.count("gptqkit") == 1  # only the import line differs
-    ns = run_script(AUTOGPTQ_README_EXAMPLE, tiny_llama_dir, tmp_path, monkeypatch)
+    # hidden 128: the example's group size 128 must fit in a layer (a larger group is refused)
+    model_dir = tiny_llama_factory(tmp_path / "model", hidden_size=128, intermediate_size=256)
+    ns = run_script(AUTOGPTQ_README_EXAMPLE, model_dir, tmp_path, monkeypatch)
     out = tmp_path / "opt-125m-4bit"
     files = sorted(p.name for p in out.iterdir())
     assert "quantize_config.json" in files and "model.safetensors" in files and "quant_log.json" in files

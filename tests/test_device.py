@@ -62,9 +62,10 @@ def test_quantize_passes_the_device_to_the_model_handle(monkeypatch, tmp_path, a
         raise _Reached
 
     monkeypatch.setattr(api, "ModelHandle", fake_handle)
-    monkeypatch.setattr(api, "resolve_model", lambda m: tmp_path)
+    (tmp_path / "m").mkdir()
+    monkeypatch.setattr(api, "resolve_model", lambda m: tmp_path / "m")
     with pytest.raises(_Reached):
-        api.quantize(tmp_path, ["text"], tmp_path / "out", device=asked)
+        api.quantize(tmp_path / "m", ["text"], tmp_path / "out", device=asked)
     assert seen["device"] == torch.device(expect)
 
 
@@ -76,7 +77,7 @@ def test_hessians_are_float32_on_cuda():
     assert _hessian_dtype(torch.float64) == torch.float64
 
 
-def test_cli_quantize_device_flag(monkeypatch, tmp_path, tiny_llama_dir):
+def test_cli_quantize_device_flag(monkeypatch, tmp_path, tiny_llama_dir, tiny_text_file):
     """--device reaches api.quantize (default auto)."""
     from gptqkit import cli
     seen = []
@@ -88,6 +89,6 @@ def test_cli_quantize_device_flag(monkeypatch, tmp_path, tiny_llama_dir):
     monkeypatch.setattr(api, "quantize", fake_quantize)
     for extra, want in (([], "auto"), (["--device", "cpu"], "cpu"), (["--device", "cuda:0"], "cuda:0")):
         with pytest.raises(_Reached):
-            cli.main(["quantize", str(tiny_llama_dir), "--out", str(tmp_path / f"o{len(seen)}"), "--no-eval",
-                      *extra])
+            cli.main(["quantize", str(tiny_llama_dir), "--calib", str(tiny_text_file),
+                      "--out", str(tmp_path / f"o{len(seen)}"), "--no-eval", *extra])
     assert seen == ["auto", "cpu", "cuda:0"]

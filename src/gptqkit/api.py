@@ -1,16 +1,20 @@
 """The Python entry points behind `gptqkit.quantize` and `gptqkit.load`."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import signal
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from .config import QuantizeConfig
+from .config import DEFAULT_NSAMPLES, DEFAULT_SEQLEN, QuantizeConfig
 from .models.pipeline import QuantizeReport, quantize_model
-from .models.source import ModelHandle
+from .models.resume import check_out
+from .models.source import ModelHandle, check_seqlen, max_positions
 
 log = logging.getLogger(__name__)
 
@@ -57,33 +61,63 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
 
 
 def quantize(model: str | Path | None, calib: str | Path | Sequence[str] | Sequence[dict], out: str | Path,
-             config: QuantizeConfig | None = None, *, nsamples: int = 128, seqlen: int = 512, seed: int = 0,
+             config: QuantizeConfig | None = None, *, nsamples: int = DEFAULT_NSAMPLES, seqlen: int | None = None, seed: int = 0,
              batch_size: int | None = None, device: str | torch.device | None = "auto", dtype: torch.dtype = torch.float32,
              overwrite: bool = False, trust_remote_code: bool = False, progress: bool = True,
-             resume: bool = False, max_memory: int | str | None = None, **config_kwargs: Any) -> QuantizeReport:
+             resume: bool = False, max_memory: int | str | None = None, holdout: int = 0,
+             **config_kwargs: Any) -> QuantizeReport:
     """Quantize a causal LM (folder, hub id, or None for the built-in default) and write a GPTQ
     checkpoint to `out`. `calib` is a built-in corpus name, a .txt/.jsonl path, a list of
     strings, or AutoGPTQ-style examples (dicts with input_ids / attention_mask).
     resume=True continues an interrupted run from `<out>.partial` (same inputs required);
     max_memory ('4GB') keeps calibration activations on disk when they would exceed it.
+    seqlen: tokens per calibration window (pre-tokenized examples are cut to it); default 512, or
+    the model's maximum positions if fewer. A longer seqlen than the model covers is refused.
+    holdout: tokens at the end of a text `calib` never drawn (kept for evaluation).
     device: 'auto' (CUDA when available, logged), 'cpu', 'cuda' or 'cuda:N'; the blocks, the
-    fp32 Hessians and the solver run there while weights stream from disk one block at a time."""
+    fp32 Hessians and the solver run there while weights stream from disk one block at a time.
+    SIGTERM is treated like Ctrl-C while this runs: finished blocks are kept for `resume`."""
     from .data import calibration_batches
     if config is not None and config_kwargs:
         raise TypeError(f"pass either config or keyword settings, not both (got {sorted(config_kwargs)})")
     config = config or QuantizeConfig(**config_kwargs)
     path = resolve_model(model)
+    out = check_out(out, path, overwrite=overwrite, resume=resume)
     handle = ModelHandle(path, dtype=dtype, device=resolve_device(device), trust_remote_code=trust_remote_code)
+    limit = max_positions(handle.config)
+    if seqlen is None:  # the default, capped at what the model's positions cover
+        seqlen = min(DEFAULT_SEQLEN, limit) if limit else DEFAULT_SEQLEN
+    check_seqlen(seqlen, limit)
     tok = load_tokenizer(handle.path, trust_remote_code)
-    cal = calibration_batches(tok, calib, nsamples=nsamples, seqlen=seqlen, seed=seed)
+    cal = calibration_batches(tok, calib, nsamples=nsamples, seqlen=seqlen, seed=seed, holdout=holdout)
     # record the calibration in the checkpoint's config, without touching the caller's object
     source = str(calib) if isinstance(calib, (str, Path)) else "<python>"
     config = dataclasses.replace(config, meta={**config.meta, "calibration": {
         "source": source, "nsamples": int(cal.input_ids.shape[0]), "seqlen": int(cal.input_ids.shape[1]),
-        "seed": seed}})
-    return quantize_model(handle, cal.input_ids, config, out, attention_mask=cal.attention_mask, tokenizer=tok,
-                          batch_size=batch_size, overwrite=overwrite, progress=progress, resume=resume,
-                          max_memory=max_memory)
+        "seed": seed, **({"holdout_tokens": holdout} if holdout else {})}})
+    with sigterm_as_interrupt():
+        return quantize_model(handle, cal.input_ids, config, out, attention_mask=cal.attention_mask,
+                              tokenizer=tok, batch_size=batch_size, overwrite=overwrite, progress=progress,
+                              resume=resume, max_memory=max_memory)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (kill, a job scheduler's stop) raises KeyboardInterrupt like Ctrl-C, so an
+    interrupted run keeps its finished blocks and says how to resume. Main thread only: Python
+    lets no other thread set signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def load(path: str | Path, *, backend: str | None = None, device: str = "cpu", dtype: torch.dtype | None = None,

@@ -9,7 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import CheckpointError, GPTQKitError, InterruptedRunError
+from .config import DEFAULT_NSAMPLES, DEFAULT_SEQLEN
+from .errors import ConfigError, GPTQKitError, InterruptedRunError, ModelLoadError
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16", "float64": "float64"}
@@ -25,109 +26,183 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def _eval_ppl(model, tok, text: str, seqlen: int, max_windows: int | None, progress: bool) -> dict:
+def _eval_ppl(model, tok, source, seqlen: int, max_windows: int | None, progress: bool) -> dict:
     from .eval.perplexity import perplexity
-    return perplexity(model, tok, text, seqlen=seqlen, max_windows=max_windows, progress=progress)
+    return perplexity(model, tok, source, seqlen=seqlen, max_windows=max_windows, progress=progress)
 
 
 def _load_any(path: str, backend: str | None, device: str):
-    """A quantized checkpoint through gptqkit.load, a float model through transformers."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
+    """A quantized checkpoint through gptqkit.load, a float model through transformers (safetensors only)."""
     from .api import load, load_tokenizer, resolve_model
     from .config import QuantizeConfig
-    from .errors import CheckpointError
     from .models.source import resolve_model_path
 
     p = resolve_model_path(resolve_model(path))
-    try:
-        QuantizeConfig.load(p)
+    if QuantizeConfig.find(p) is not None:
         model = load(p, backend=backend, device=device)
-    except CheckpointError as e:
-        if "holds no GPTQ quantization config" not in str(e):
-            raise
-        model = AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).to(device).eval()
+    else:
+        model = _load_float(p).to(device)
     return model, load_tokenizer(p)
 
 
-def _check_out(out: Path, model_path, overwrite: bool, resume: bool) -> Path:
-    """Refuse a bad --out before any work (loading, float perplexity) is spent on it (issue 14)."""
-    out = out.resolve()  # `--out .` has an empty name; the resolved path does not
-    src = Path(str(model_path))
-    if src.is_dir() and (out == src.resolve() or src.resolve() in out.parents):
-        raise CheckpointError(f"--out {out} is the input model folder or inside it; choose another folder")
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"--out {out} is a file, not a folder; choose another path")
-    if out.is_dir() and any(out.iterdir()) and not (overwrite or resume):
-        raise CheckpointError(f"--out {out} exists and is not empty; pass --overwrite or --resume, or choose another folder")
-    parent = out.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise CheckpointError(f"cannot write --out {out}: {parent} is not writable")
-    return out
+def _load_float(path: Path):
+    """A float model through transformers, from safetensors only (pickles are refused first, with
+    the same message quantize gives)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .formats.checkpoint import shard_files
+    shard_files(path)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True).eval()
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load the model in {path}: {str(e).splitlines()[0]}") from e
+
+
+def _positive(name: str, v: int | None) -> None:
+    if v is not None and v < 1:
+        raise ConfigError(f"{name} must be at least 1, got {v}")
+
+
+def _model_limits(model_path) -> int | None:
+    """The model's maximum positions, read from its config alone (before any weights)."""
+    from transformers import AutoConfig
+
+    from .models.source import max_positions, resolve_model_path
+    p = resolve_model_path(model_path)
+    try:
+        return max_positions(AutoConfig.from_pretrained(p))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot read the config of {p}: {str(e).splitlines()[0]}") from e
+
+
+def _seqlen(flag: str, given: int | None, default: int, limit: int | None) -> int:
+    """The flag's value, checked against the model; when not given, the default capped at the model's limit."""
+    from .models.source import check_seqlen
+    if given is None:
+        return min(default, limit) if limit else default
+    _positive(flag, given)
+    check_seqlen(given, limit, flag)
+    return given
+
+
+def _eval_plan(a, calib, tok, calib_seqlen: int):
+    """(what to evaluate on, how to describe it, tokens held out of calibration) for quantize.
+    An explicit --eval-text wins; a built-in corpus or dataset has its own evaluation split; a
+    user's file gives its last tokens, which calibration then never draws."""
+    from .data.calibration import holdout_tokens, tokenize_text
+    from .data.text import BUILTIN_CORPORA, EVAL_SPLIT_OF, load_text
+    if a.no_eval or a.eval_text == "":
+        return None, None, 0
+    if a.eval_text:
+        return a.eval_text, str(a.eval_text), 0
+    name = str(calib).lower()
+    if name in BUILTIN_CORPORA:
+        return "shakespeare-eval", "shakespeare-eval (works held out of the built-in corpus)", 0
+    if name in EVAL_SPLIT_OF:
+        return EVAL_SPLIT_OF[name], EVAL_SPLIT_OF[name], 0
+    ids = tokenize_text(tok, load_text(calib))
+    held = holdout_tokens(ids.numel(), a.eval_seqlen, a.max_windows, calib_seqlen)
+    return ids[-held:], f"the last {held} tokens of {calib}, held out of calibration", held
+
+
+def _dir_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
 
 
 def cmd_quantize(a) -> int:
-    import torch
-
     from . import QuantizeConfig
     from .api import load, load_tokenizer, quantize, resolve_model
+    from .config import DEFAULT_SEQLEN
+    from .models.resume import check_out
+    from .models.source import resolve_model_path
 
+    t_all = time.perf_counter()
+    default_job = a.model in (None, "default")
+    calib = a.calib or ("shakespeare" if default_job else None)
+    if calib is None:
+        raise ConfigError("with your own model, give calibration text: --calib FILE (.txt, or .jsonl with a "
+                          "\"text\" field), or a dataset name (wikitext2, c4: need the datasets package and network)")
+    for flag, v in (("--nsamples", a.nsamples), ("--batch-size", a.batch_size), ("--max-windows", a.max_windows)):
+        _positive(flag, v)
+    from .models.pipeline import parse_size
+    parse_size(a.max_memory)  # a bad size fails here, not after loading
     cfg = QuantizeConfig(bits=a.bits, group_size=a.group_size, sym=a.sym, desc_act=a.desc_act,
                          static_groups=a.static_groups, damp_percent=a.damp, true_sequential=not a.no_true_sequential,
                          mse=a.mse, checkpoint_format=a.format, lm_head=a.lm_head, method=a.method)
     model_path = resolve_model(a.model)
     out = Path(a.out or f"{Path(str(model_path)).name}-gptq-{cfg.bits}bit-g{cfg.group_size}"
                + ("-act" if cfg.desc_act else "") + ("-rtn" if cfg.method == "rtn" else ""))
-    out = _check_out(out, model_path, a.overwrite, a.resume)
-    result: dict = {"model": str(model_path), "out": str(out), "config": cfg.to_dict()}
-    tok = None
+    out = check_out(out, model_path, overwrite=a.overwrite, resume=a.resume)
+    model_path = resolve_model_path(model_path)
+    limit = _model_limits(model_path)
+    seqlen = _seqlen("--seqlen", a.seqlen, DEFAULT_SEQLEN, limit)
+    a.eval_seqlen = _seqlen("--eval-seqlen", a.eval_seqlen, 512, limit)
     # under torchrun every process quantizes its share; only rank 0 evaluates and prints
     rank0 = int(os.environ.get("RANK", "0")) == 0
-    if a.eval_text and not a.no_eval and rank0:
-        from transformers import AutoModelForCausalLM
-        tok = load_tokenizer(model_path)
-        fp = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-        result["ppl_before"] = _eval_ppl(fp, tok, a.eval_text, a.eval_seqlen, a.max_windows, not a.json)
-        del fp
+    tok = load_tokenizer(model_path)
+    eval_src, eval_desc, holdout = _eval_plan(a, calib, tok, seqlen)
+    result: dict = {"model": str(model_path), "out": str(out), "config": cfg.to_dict(), "calibration": str(calib)}
+    seconds: dict = {}
     t0 = time.perf_counter()
-    rep = quantize(model_path, a.calib, out, cfg, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
+    rep = quantize(model_path, calib, out, cfg, nsamples=a.nsamples, seqlen=seqlen, seed=a.seed,
                    batch_size=a.batch_size, overwrite=a.overwrite, dtype=_dtype(a.dtype), progress=not a.json,
-                   device=a.device,
-                   resume=a.resume, max_memory=a.max_memory)
+                   resume=a.resume, max_memory=a.max_memory, holdout=holdout, device=a.device)
     if not rank0:
         return 0
-    result["quantize_seconds"] = round(time.perf_counter() - t0, 2)
+    seconds["quantize"] = result["quantize_seconds"] = round(time.perf_counter() - t0, 2)
     result["block_forwards"] = rep.forwards
     result["calib_tokens"] = rep.calib_tokens
     result["mean_layer_loss"] = rep.to_dict()["mean_loss"]
     result["peak_rss_mb_quantize"] = round(_peak_rss_mb(), 1)
-    if a.eval_text and not a.no_eval:
-        qm = load(out, backend=a.backend)
-        result["ppl_after"] = _eval_ppl(qm, tok, a.eval_text, a.eval_seqlen, a.max_windows, not a.json)
-        (out / "eval.json").write_text(json.dumps({"text": a.eval_text, "seqlen": a.eval_seqlen, **{
+    # evaluated after quantizing, so that a setting the model cannot take fails before minutes of evaluation
+    if eval_src is not None:
+        for key, loader in (("before", lambda: _load_float(model_path)), ("after", lambda: load(out, backend=a.backend))):
+            t0 = time.perf_counter()
+            m = loader()
+            result[f"ppl_{key}"] = _eval_ppl(m, tok, eval_src, a.eval_seqlen, a.max_windows, not a.json)
+            del m
+            seconds[f"eval_{key}"] = round(time.perf_counter() - t0, 2)
+        result["eval_text"] = eval_desc
+        (out / "eval.json").write_text(json.dumps({"text": eval_desc, "seqlen": a.eval_seqlen, **{
             k: result[k] for k in ("ppl_before", "ppl_after")}}, indent=2) + "\n")  # for report / model card
     if a.push_to_hub:
         from .hub import push_to_hub
-        base = None if Path(str(model_path)).exists() else str(model_path)  # a hub id names the base model
+        base = None if Path(str(a.model or "")).exists() or default_job else str(a.model)  # a hub id names the base
         result["pushed"] = str(push_to_hub(out, a.push_to_hub, base_model=base, private=a.private))
+    from .report import collect
+    info = collect(out)
+    result["config"] = info["config"]  # as written, with the calibration recorded
+    result["size_before_bytes"] = _dir_bytes(model_path)
+    result["size_after_bytes"] = info["size_bytes"]
+    result["bits_per_param"] = round(info["bits_per_param_overall"], 3)
+    seconds["total"] = round(time.perf_counter() - t_all, 2)
+    result["seconds"] = seconds
     result["peak_rss_mb"] = round(_peak_rss_mb(), 1)
-    if a.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(f"\ncheckpoint: {out}")
-        print(f"quantized {len(rep.layers)} layers in {result['quantize_seconds']} s "
-              f"({rep.forwards:g} block forwards over {rep.calib_tokens} calibration tokens)")
-        if "ppl_before" in result:
-            print(f"perplexity on {a.eval_text} (windows of {a.eval_seqlen}): "
-                  f"before {result['ppl_before']['perplexity']:.3f}  after {result['ppl_after']['perplexity']:.3f}")
-        print(f"peak memory (RSS): {result['peak_rss_mb']:.0f} MB")
+    print(json.dumps(result, indent=2) if a.json else _summary_text(result, rep, a.eval_seqlen))
     return 0
 
 
+def _summary_text(r: dict, rep, eval_seqlen: int) -> str:
+    mb = lambda n: f"{n / 2**20:.1f} MiB"  # noqa: E731
+    s = r["seconds"]
+    lines = ["", f"checkpoint   {r['out']}",
+             f"size         {mb(r['size_before_bytes'])} -> {mb(r['size_after_bytes'])} "
+             f"({r['bits_per_param']} bits per parameter overall)",
+             f"quantized    {len(rep.layers)} layers in {s['quantize']:.1f} s "
+             f"({rep.forwards:g} block forwards over {rep.calib_tokens} calibration tokens)"]
+    if "ppl_after" in r:
+        b, after = r["ppl_before"], r["ppl_after"]
+        lines.append(f"perplexity   {b['perplexity']:.3f} -> {after['perplexity']:.3f} on {r['eval_text']} "
+                     f"({after['tokens']} tokens scored in {after['windows']} windows of {eval_seqlen})")
+    lines.append("time         " + ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in s.items()))
+    lines.append(f"peak memory  {r['peak_rss_mb']:.0f} MB (RSS)")
+    return "\n".join(lines)
+
+
 def cmd_eval(a) -> int:
+    _positive("--max-windows", a.max_windows)
+    _positive("--batch-size", a.batch_size)
     model, tok = _load_any(a.model, a.backend, a.device)
     if a.tasks:  # lm-evaluation-harness tasks (optional package lm_eval)
         from .eval.harness import run_tasks
@@ -137,7 +212,12 @@ def cmd_eval(a) -> int:
             f"{t}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float))
             for t, m in r["results"].items()))
         return 0
-    r = _eval_ppl(model, tok, a.text, a.seqlen, a.max_windows, not a.json)
+    if a.text is None:
+        raise ConfigError("give the text to evaluate on: --text FILE (.txt/.jsonl), or a name "
+                          "(shakespeare-eval with the shakespeare package; wikitext2, c4 with datasets and network)")
+    from .models.source import max_positions
+    seqlen = _seqlen("--seqlen", a.seqlen, 512, max_positions(model.config))
+    r = _eval_ppl(model, tok, a.text, seqlen, a.max_windows, not a.json)
     r["model"] = a.model
     print(json.dumps(r, indent=2) if a.json else f"perplexity {r['perplexity']:.4f} over {r['tokens']} tokens "
           f"({r['windows']} windows of {r['seqlen']})")
@@ -147,15 +227,21 @@ def cmd_eval(a) -> int:
 def cmd_generate(a) -> int:
     import torch
 
-    from .errors import ConfigError
     if a.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be at least 1, got {a.max_new_tokens}")
+    if not a.temperature >= 0:
+        raise ConfigError(f"--temperature must be 0 (greedy) or positive, got {a.temperature}")
     model, tok = _load_any(a.model, a.backend, a.device)
     enc = tok(a.prompt, return_tensors="pt")
     if enc["input_ids"].shape[1] == 0:  # empty prompt: start from BOS, or say what is wrong
         if tok.bos_token_id is None:
             raise ConfigError("the prompt is empty and the tokenizer has no BOS token to start from; give a prompt")
         enc = {"input_ids": torch.tensor([[tok.bos_token_id]]), "attention_mask": torch.ones(1, 1, dtype=torch.long)}
+    from .models.source import max_positions
+    limit = max_positions(model.config)
+    if limit is not None and enc["input_ids"].shape[1] + a.max_new_tokens > limit:
+        raise ConfigError(f"the prompt ({enc['input_ids'].shape[1]} tokens) plus --max-new-tokens {a.max_new_tokens} "
+                          f"exceeds the model's maximum of {limit} positions; shorten one of them")
     enc = {k: v.to(a.device) for k, v in enc.items()}
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -174,49 +260,24 @@ def cmd_generate(a) -> int:
 
 
 def cmd_inspect(a) -> int:
-    from .config import QuantizeConfig
-    from .formats.checkpoint import shard_files
     from .models.source import resolve_model_path
-    from safetensors import safe_open
+    from .report import collect
 
     p = resolve_model_path(a.dir)
-    cfg = QuantizeConfig.load(p)
-    files = shard_files(p)
-    layers, qparams, other, nbytes = {}, 0, 0, 0
-    for f in files:
-        nbytes += f.stat().st_size
-        with safe_open(str(f), framework="pt") as sf:
-            for k in sf.keys():
-                shape = sf.get_slice(k).get_shape()
-                n = 1
-                for s in shape:
-                    n *= s
-                if k.endswith(".qweight"):
-                    name = k[: -len(".qweight")]
-                    layers[name] = {"qweight_shape": shape}
-                    qparams += n * 32  # bits-agnostic: words x 32 bits
-                elif not k.endswith((".qzeros", ".scales", ".g_idx")):
-                    other += n
-    # parameters represented by qweight: words·32/bits
-    qn = qparams // cfg.bits
-    info = {"path": str(p), "config": cfg.to_dict(), "quantized_layers": len(layers),
-            "quantized_params": qn, "other_params": other, "files": [f.name for f in files],
-            "size_bytes": nbytes, "bits_per_param_overall": round(nbytes * 8 / max(1, qn + other), 3)}
-    log = p / "quant_log.json"
-    if log.is_file():
-        rep = json.loads(log.read_text())
-        info["mean_layer_loss"] = rep.get("mean_loss")
-        info["quantize_seconds"] = rep.get("seconds")
+    info = collect(p, need_log=False)
+    cfg = info["config"]
     if a.json:
-        print(json.dumps(info, indent=2))
-    else:
-        print(f"{p}\n  bits={cfg.bits} group_size={cfg.group_size} sym={cfg.sym} desc_act={cfg.desc_act} "
-              f"format={cfg.checkpoint_format}")
-        print(f"  {len(layers)} quantized layers, {qn / 1e6:.1f}M quantized + {other / 1e6:.1f}M other params")
-        print(f"  {nbytes / 2**20:.1f} MiB on disk in {len(files)} file(s): "
-              f"{info['bits_per_param_overall']} bits per parameter overall")
-        if "mean_layer_loss" in info:
-            print(f"  mean layer loss {info['mean_layer_loss']:.4g}, quantized in {info['quantize_seconds']:.1f} s")
+        print(json.dumps({**info, "layers": None} if not info["layers"] else info, indent=2, default=str))
+        return 0
+    bits = ", ".join(f"{n} at {b}-bit" for b, n in info["bits_histogram"].items())
+    print(f"{p}\n  bits={cfg['bits']} group_size={cfg['group_size']} sym={cfg['sym']} desc_act={cfg['desc_act']} "
+          f"format={cfg['checkpoint_format']}" + (f" dynamic={json.dumps(cfg['dynamic'])}" if cfg.get("dynamic") else ""))
+    print(f"  {info['quantized_layers']} quantized layers ({bits}), {info['quantized_params'] / 1e6:.1f}M quantized "
+          f"+ {info['other_params'] / 1e6:.1f}M other params")
+    print(f"  {info['size_bytes'] / 2**20:.1f} MiB on disk in {len(info['files'])} file(s): "
+          f"{info['bits_per_param_overall']:.3f} bits per parameter overall")
+    if info.get("mean_loss") is not None:
+        print(f"  mean layer loss {info['mean_loss']:.4g}, quantized in {info['seconds']:.1f} s")
     return 0
 
 
@@ -252,26 +313,31 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--lm-head", action="store_true", help="quantize lm_head too")
     q.add_argument("--format", default="gptq", choices=["gptq", "gptq_v2"])
     q.add_argument("--method", default="gptq", choices=["gptq", "rtn"])
-    q.add_argument("--calib", default="shakespeare", help="built-in corpus name, .txt or .jsonl file")
-    q.add_argument("--nsamples", type=int, default=64)
-    q.add_argument("--seqlen", type=int, default=512)
+    q.add_argument("--calib", default=None,
+                   help="calibration text: a .txt or .jsonl file, or a name (wikitext2, c4: need datasets and "
+                        "network; shakespeare: the built-in corpus). Required with your own model")
+    q.add_argument("--nsamples", type=int, default=DEFAULT_NSAMPLES, help="calibration sequences (default %(default)s)")
+    q.add_argument("--seqlen", type=int, default=None,
+                   help=f"tokens per calibration sequence (default {DEFAULT_SEQLEN}, or the model's maximum if lower)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--batch-size", type=int, default=None,
                    help="calibration sequences per forward chunk (default all: least work, most memory)")
     q.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    q.add_argument("--device", default="auto",
-                   help="where blocks, Hessians and the solver run: auto (CUDA when available), cpu, cuda, cuda:N")
     q.add_argument("--out", default=None)
     q.add_argument("--overwrite", action="store_true")
     q.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from <out>.partial (same command and inputs)")
     q.add_argument("--max-memory", default=None,
                    help="budget for calibration activations, e.g. 4GB; above it they stay on disk")
-    q.add_argument("--eval-text", default="shakespeare-eval",
-                   help="text for perplexity before/after ('' to skip)")
-    q.add_argument("--no-eval", action="store_true")
-    q.add_argument("--eval-seqlen", type=int, default=512)
-    q.add_argument("--max-windows", type=int, default=40)
+    q.add_argument("--eval-text", default=None,
+                   help="text for perplexity before/after (default: the last tokens of a --calib file, held out "
+                        "of calibration; the held-out split of a built-in corpus or dataset)")
+    q.add_argument("--no-eval", action="store_true", help="skip the perplexity before/after")
+    q.add_argument("--eval-seqlen", type=int, default=None, help="tokens per evaluation window (default 512, "
+                   "or the model's maximum if lower)")
+    q.add_argument("--max-windows", type=int, default=16, help="evaluation windows at most (default %(default)s)")
+    q.add_argument("--device", default="auto",
+                   help="where blocks, Hessians and the solver run: auto (CUDA when available), cpu, cuda, cuda:N")
     q.add_argument("--backend", default=None)
     q.add_argument("--json", action="store_true")
     q.add_argument("--push-to-hub", metavar="REPO", default=None,
@@ -281,8 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="perplexity of a model or quantized checkpoint")
     e.add_argument("model")
-    e.add_argument("--text", default="shakespeare-eval")
-    e.add_argument("--seqlen", type=int, default=512)
+    e.add_argument("--text", default=None, help="a .txt/.jsonl file, or a name: shakespeare-eval (built-in), "
+                   "wikitext2, c4 (need datasets and network)")
+    e.add_argument("--seqlen", type=int, default=None, help="tokens per window (default 512, or the model's "
+                   "maximum if lower)")
     e.add_argument("--max-windows", type=int, default=None)
     e.add_argument("--backend", default=None)
     e.add_argument("--device", default="cpu")
@@ -321,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()  # ours are the block and evaluation bars; transformers' add noise
         return a.func(a)
     except InterruptedRunError as e:
         print(f"interrupted: {e}", file=sys.stderr)

@@ -19,6 +19,12 @@ FORMATS = ("gptq", "gptq_v2")
 METHODS = ("gptq", "rtn")
 QUANTIZE_CONFIG_FILE = "quantize_config.json"
 
+# Calibration defaults, one source for gptqkit.quantize, calibration_batches and `gptqkit
+# quantize`: 64 windows of 512 tokens (32k tokens) keep the default job to minutes on a 2-core
+# CPU. The GPTQ paper used 128 x 2048; pass more (nsamples/seqlen) for larger models.
+DEFAULT_NSAMPLES = 64
+DEFAULT_SEQLEN = 512
+
 
 def _version() -> str:
     from . import __version__
@@ -175,8 +181,9 @@ class QuantizeConfig:
         Path(directory, QUANTIZE_CONFIG_FILE).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def load(cls, directory: str | Path) -> "QuantizeConfig":
-        """From quantize_config.json, else config.json["quantization_config"]."""
+    def find(cls, directory: str | Path) -> "QuantizeConfig | None":
+        """The GPTQ config of a folder (quantize_config.json, else config.json["quantization_config"]),
+        or None when it holds neither (a float model). A config that is there but unreadable raises."""
         directory = Path(directory)
         qc = directory / QUANTIZE_CONFIG_FILE
         if qc.is_file():
@@ -186,9 +193,17 @@ class QuantizeConfig:
             d = _read_json(cfg).get("quantization_config")
             if d:
                 return cls.from_dict(d)
-        raise CheckpointError(
-            f"{directory} holds no GPTQ quantization config (neither {QUANTIZE_CONFIG_FILE} nor "
-            "config.json['quantization_config']); is it a quantized checkpoint?")
+        return None
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "QuantizeConfig":
+        """As find(), but a folder without a GPTQ config is an error."""
+        found = cls.find(directory)
+        if found is None:
+            raise CheckpointError(
+                f"{directory} holds no GPTQ quantization config (neither {QUANTIZE_CONFIG_FILE} nor "
+                "config.json['quantization_config']); is it a quantized checkpoint?")
+        return found
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -50,41 +50,59 @@ def _block_index(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def collect(directory: str | Path) -> dict[str, Any]:
-    """Everything the page shows, as plain data (also useful as JSON)."""
+def collect(directory: str | Path, *, need_log: bool = True) -> dict[str, Any]:
+    """Everything the page (and `gptqkit inspect`) shows, as plain data. need_log=False reads any
+    GPTQ checkpoint, including peers' without gptqkit's quant_log.json."""
     from safetensors import safe_open
 
     from .config import QuantizeConfig
+    from .errors import CheckpointError
     from .formats.checkpoint import shard_files
 
     d = Path(directory)
     log_path = d / "quant_log.json"
-    if not log_path.is_file():
+    if need_log and not log_path.is_file():
         raise FileNotFoundError(f"{d} has no quant_log.json; is it a checkpoint written by gptqkit quantize?")
-    qlog = json.loads(log_path.read_text())
+    qlog = json.loads(log_path.read_text()) if log_path.is_file() else {}
     cfg = QuantizeConfig.load(d)
     model_cfg = json.loads((d / "config.json").read_text()) if (d / "config.json").is_file() else {}
 
     dsize = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-    qparams = other_params = qbytes = other_bytes = 0
-    other_fp_bytes_fp16 = 0
+    shapes: dict[str, list[int]] = {}
+    qbytes = other_params = other_bytes = 0
     files = shard_files(d)
     for f in files:
-        with safe_open(str(f), framework="pt") as sf:
-            for k in sf.keys():
-                sl = sf.get_slice(k)
-                shape, dt = sl.get_shape(), sl.get_dtype()
-                n = math.prod(shape) if shape else 1
-                nb = n * dsize.get(dt, 4)
-                if k.endswith(".qweight"):
-                    qparams += shape[0] * 32 // _bits_for(k, qlog, cfg.bits) * shape[1]
-                    qbytes += nb
-                elif k.endswith((".qzeros", ".scales", ".g_idx")):
-                    qbytes += nb
-                else:
-                    other_params += n
-                    other_bytes += nb
-                    other_fp_bytes_fp16 += n * 2
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                for k in sf.keys():
+                    sl = sf.get_slice(k)
+                    shape, dt = sl.get_shape(), sl.get_dtype()
+                    nb = (math.prod(shape) if shape else 1) * dsize.get(dt, 4)
+                    shapes[k] = shape
+                    if k.endswith((".qweight", ".qzeros", ".scales", ".g_idx")):
+                        qbytes += nb
+                    else:
+                        other_params += math.prod(shape) if shape else 1
+                        other_bytes += nb
+        except Exception as e:  # safetensors raises its own types for truncated files
+            raise CheckpointError(f"{f} is truncated or corrupted ({e}); download or copy it again") from e
+    # a quantized layer holds K x N parameters: N from scales [G, N], K from g_idx [K] (or, for
+    # checkpoints without g_idx, qweight rows x 32 / bits): per layer, so mixed bits count right
+    bits_by_layer = {}
+    qparams = 0
+    for k, shape in shapes.items():
+        if not k.endswith(".qweight"):
+            continue
+        name = k[: -len(".qweight")]
+        K = shapes.get(f"{name}.g_idx", [None])[0]
+        if K is None:
+            K = shape[0] * 32 // ((cfg.for_module(name) or cfg).bits)
+        bits_by_layer[name] = shape[0] * 32 // K
+        said = (cfg.for_module(name) or cfg).bits
+        if bits_by_layer[name] != said:
+            raise CheckpointError(f"{name}: its tensors hold {bits_by_layer[name]}-bit codes, but the quantization "
+                                  f"config says {said} bits; the config or the tensors are wrong")
+        qparams += K * shape[1]
     total_bytes = sum(f.stat().st_size for f in files)
     layers = qlog.get("layers", [])
     for lay in layers:
@@ -97,6 +115,9 @@ def collect(directory: str | Path) -> dict[str, Any]:
         "architectures": model_cfg.get("architectures"),
         "config": cfg.to_dict(),
         "layers": layers,
+        "quantized_layers": len(bits_by_layer),
+        "bits_histogram": {b: list(bits_by_layer.values()).count(b) for b in sorted(set(bits_by_layer.values()))},
+        "files": [f.name for f in files],
         "seconds": qlog.get("seconds"),
         "forwards": qlog.get("forwards"),
         "calib_tokens": qlog.get("calib_tokens"),
@@ -110,14 +131,6 @@ def collect(directory: str | Path) -> dict[str, Any]:
         "bits_per_param_overall": total_bytes * 8 / max(1, qparams + other_params),
         "eval": evals,
     }
-
-
-def _bits_for(key: str, qlog: dict, default: int) -> int:
-    name = key[: -len(".qweight")]
-    for lay in qlog.get("layers", []):
-        if lay["name"] == name:
-            return int(lay["bits"])
-    return default
 
 
 def _fmt_bytes(n: float) -> str:

@@ -170,6 +170,13 @@ class CompatModel:
         seqlen = max(len(e["input_ids"]) for e in examples)
         if max_len:
             seqlen = min(seqlen, max_len)
+        from transformers import AutoConfig
+
+        from ..models.source import max_positions
+        limit = max_positions(AutoConfig.from_pretrained(self.source, trust_remote_code=self.trust_remote_code))
+        if limit and seqlen > limit:  # peers pass long examples through; the model cannot take them
+            log.warning("calibration examples of up to %d tokens are cut to the model's %d positions", seqlen, limit)
+            seqlen = limit
         self._tmp = tempfile.TemporaryDirectory(prefix="gptqkit-compat-")
         out = Path(self._tmp.name) / "quantized"
         self.report = quantize(self.source, examples, out, self.quantize_config, nsamples=len(examples),

@@ -100,18 +100,13 @@ class GPTQModel:
              device: Any = None, backend: Any = None, trust_remote_code: bool = False, dtype: Any = None,
              torch_dtype: Any = None, **kwargs) -> GPTQModelWrapper:
         from ..api import resolve_model
-        from ..errors import CheckpointError
         from ..models.source import resolve_model_path
         path = resolve_model_path(resolve_model(model_id_or_path))
         dt = dtype if dtype is not None else torch_dtype
         dt = None if dt in (None, "auto") else (getattr(torch, dt) if isinstance(dt, str) else dt)
         if quantize_config is None:
-            try:
-                _QuantizeConfig.load(path)
-            except CheckpointError as e:
-                if "holds no GPTQ quantization config" not in str(e):
-                    raise
-                raise ValueError(f"{path} is not quantized: pass a QuantizeConfig to quantize it") from e
+            if _QuantizeConfig.find(path) is None:
+                raise ValueError(f"{path} is not quantized: pass a QuantizeConfig to quantize it")
             return cls.from_quantized(path, device_map=device_map, device=device, backend=backend,
                                       trust_remote_code=trust_remote_code, dtype=dt)
         return cls.from_pretrained(path, quantize_config, trust_remote_code=trust_remote_code, dtype=dt)

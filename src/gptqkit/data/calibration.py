@@ -9,6 +9,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 
+from ..config import DEFAULT_NSAMPLES, DEFAULT_SEQLEN
 from ..errors import CalibrationError
 from .text import TextSource, load_text
 
@@ -194,9 +195,10 @@ def _from_examples(
 def calibration_batches(
     tokenizer: Any,
     source: Union[TextSource, Sequence[Mapping[str, Any]], CalibrationSet, torch.Tensor],
-    nsamples: int = 128,
-    seqlen: int = 2048,
+    nsamples: int = DEFAULT_NSAMPLES,
+    seqlen: int = DEFAULT_SEQLEN,
     seed: int = 0,
+    holdout: int = 0,
 ) -> CalibrationSet:
     """Build ``nsamples`` calibration sequences of ``seqlen`` tokens from ``source``.
 
@@ -209,6 +211,9 @@ def calibration_batches(
     ``attention_mask``, AutoGPTQ style) are used in order: each is truncated to ``seqlen``, at
     most ``nsamples`` are kept, and they are right-padded to the longest with an attention mask.
     A 2-D tensor of ids or a :class:`CalibrationSet` passes through unchanged.
+
+    ``holdout``: the last ``holdout`` tokens of a text source are never drawn (they are kept for
+    evaluation; see :func:`holdout_tokens`).
     """
     if isinstance(source, CalibrationSet):
         return source
@@ -230,6 +235,8 @@ def calibration_batches(
 
     text = load_text(source)
     tokens = tokenize_text(tokenizer, text)
+    if holdout:
+        tokens = tokens[: tokens.numel() - holdout]
     total = tokens.numel()
     if total < seqlen:
         raise CalibrationError(
@@ -255,3 +262,24 @@ def calibration_batches(
     logger.info("Calibration set: %d sequences x %d tokens from %d tokens of text",
                 nsamples, seqlen, total)
     return CalibrationSet(input_ids.contiguous(), None)
+
+
+#: Share of a user's calibration text kept back for evaluation when no evaluation text is given.
+HOLDOUT_FRACTION = 0.1
+
+
+def holdout_tokens(total: int, eval_seqlen: int, max_windows: int | None, calib_seqlen: int) -> int:
+    """How many tokens at the end of a calibration text of ``total`` tokens to keep back for
+    evaluation: whole windows of ``eval_seqlen``, at most ``max_windows`` of them and at most
+    :data:`HOLDOUT_FRACTION` of the text, but always one window; what remains must still hold one
+    calibration sequence of ``calib_seqlen``. The calibration sampler never draws these tokens."""
+    wins = max(1, int(total * HOLDOUT_FRACTION) // eval_seqlen)
+    if max_windows is not None:
+        wins = min(wins, max_windows)
+    held = wins * eval_seqlen
+    if total - held < calib_seqlen:
+        raise CalibrationError(
+            f"The calibration text has {total} tokens: too few to keep {held} tokens back for evaluation "
+            f"and still draw sequences of {calib_seqlen}. Give more text, a separate --eval-text, "
+            "or --no-eval.")
+    return held

@@ -142,7 +142,11 @@ def load_builtin(name: str) -> str:
 
 def _read_utf8(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
+        if "\x00" in text:  # valid UTF-8, but no text file holds NUL characters
+            raise CalibrationError(f"{path} looks like a binary file (it holds NUL bytes), not text; pass a "
+                                   "UTF-8 .txt or .jsonl file")
+        return text
     except UnicodeDecodeError as exc:
         raise CalibrationError(
             f"{path} is not valid UTF-8 (byte {exc.start}: {exc.reason}). Re-encode it to UTF-8, "

@@ -32,6 +32,34 @@ def _bits_from_shapes(qweight_rows: int, K: int) -> int:
     raise CheckpointError(f"qweight with {qweight_rows} rows fits no bit width for {K} inputs")
 
 
+def check_gptq_tensors(name: str, K: int, N: int, bits: int, config_bits: int, tensors: dict) -> int:
+    """Refuse a layer whose tensors disagree with each other or with the config, and return its
+    number of groups. Kernels index scales by g_idx unguarded, so an out-of-range g_idx would read
+    other memory or give silently wrong logits."""
+    if bits != config_bits:
+        raise CheckpointError(f"{name}: qweight {tuple(tensors[name + '.qweight'].shape)} holds {bits}-bit codes for "
+                              f"{K} inputs, but the quantization config says {config_bits} bits; the config or "
+                              "the tensors are wrong (re-export the checkpoint, or fix bits / dynamic in the config)")
+    scales, qzeros = tensors[f"{name}.scales"], tensors.get(f"{name}.qzeros")
+    want = {"qweight": (K * bits // 32, N), "scales": (scales.shape[0], N)}
+    if qzeros is not None:  # writers differ in tail padding: any word count that holds N values
+        words = qzeros.shape[-1] if qzeros.dim() == 2 and qzeros.shape[-1] * 32 // bits >= N else -(-N * bits // 32)
+        want["qzeros"] = (scales.shape[0], words)
+    if f"{name}.g_idx" in tensors:
+        want["g_idx"] = (K,)
+    for part, shape in want.items():
+        got = tuple(tensors[f"{name}.{part}"].shape)
+        if got != shape:
+            raise CheckpointError(f"{name}.{part} has shape {got}, expected {shape} for a {bits}-bit layer with "
+                                  f"{K} inputs and {N} outputs; the checkpoint is corrupted or mislabelled")
+    G = scales.shape[0]
+    g_idx = tensors.get(f"{name}.g_idx")
+    if g_idx is not None and g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= G):
+        raise CheckpointError(f"{name}.g_idx holds group {int(g_idx.min()) if int(g_idx.min()) < 0 else int(g_idx.max())}"
+                              f", outside the {G} groups of its scales; the checkpoint is corrupted")
+    return G
+
+
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, child, new)
@@ -78,8 +106,8 @@ def load_quantized(path: str | Path, *, backend: str | None = None, device: str 
         else:
             raise CheckpointError(f"{name} is a {type(old).__name__}, not a Linear; cannot hold GPTQ tensors")
         bits = _bits_from_shapes(tensors[f"{name}.qweight"].shape[0], K)
-        G = tensors[f"{name}.scales"].shape[0]
         cfg = qcfg.for_module(name) or qcfg
+        G = check_gptq_tensors(name, K, N, bits, cfg.bits, tensors)
         gs = cfg.group_size if cfg.group_size != -1 else K
         if -(-K // gs) != G:  # group size not what the config says: trust the tensors
             gs = K if G == 1 else -(-K // G)
@@ -148,8 +176,17 @@ def save_quantized(model: nn.Module, out: str | Path, tokenizer=None, max_shard_
     out.mkdir(parents=True, exist_ok=True)
     qcfg: QuantizeConfig = model.quantize_config
     model.config.quantization_config = qcfg.to_dict()
-    model.save_pretrained(out, safe_serialization=True, max_shard_size=max_shard_size)
-    qcfg.save(out)
+    from safetensors import SafetensorError
+
+    from ..formats.checkpoint import write_error
+    try:
+        model.save_pretrained(out, safe_serialization=True, max_shard_size=max_shard_size)
+        qcfg.save(out)
+    except OSError as e:
+        raise write_error(out, e) from e
+    except SafetensorError as e:  # its I/O errors (a full disk among them) are not OSError
+        raise CheckpointError(f"writing {out} failed ({e}); free space or choose another folder, then save "
+                              "again") from e
     src = getattr(model, "_gptqkit_source", None)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)

@@ -471,6 +471,9 @@ def check_layers_fit(block: nn.Module, spec: ArchSpec, config: QuantizeConfig, p
             raise ConfigError(f"{prefix}.{n} has {K} inputs; {cfg.bits}-bit qweight packs {need} inputs per "
                               f"word, so K must be a multiple of {need}. Skip it with a dynamic rule "
                               f"{{'-:{n}': {{}}}} or pick other bits")
+        if cfg.group_size > K:
+            raise ConfigError(f"group size {cfg.group_size} is larger than {prefix}.{n}, which has {K} inputs; use "
+                              f"a group size of at most {K}, or -1 for one group per row")
 
 
 class _Tensors(dict):
@@ -662,6 +665,8 @@ def quantize_model(handle: ModelHandle, input_ids: torch.Tensor, config: Quantiz
         raise InterruptedRunError(
             f"interrupted in block {i}; the {run.next_block} finished block(s) are kept in {run.directory}. "
             "Run the same command with --resume (resume=True) to continue") from e
+    finally:
+        run.release()  # the lock on <out>.partial, whatever happened
     return report
 
 

@@ -129,6 +129,29 @@ class ModelHandle:
         return [k for k in self.source.keys() if k.startswith(prefix + ".")]
 
 
+# [arch] where a config keeps its longest input; ALiBi models (Bloom) and others without one have no limit
+_MAX_POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence the model's position embeddings cover, or None if it has no such limit."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in _MAX_POSITION_KEYS:
+        v = getattr(text, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def check_seqlen(seqlen: int, limit: int | None, what: str = "seqlen") -> None:
+    """Refuse sequences longer than the model's positions up front (GPT-2 would fail deep inside
+    its embedding with an IndexError; rotary models would silently extrapolate)."""
+    from ..errors import ConfigError
+    if limit is not None and seqlen > limit:
+        raise ConfigError(f"{what} {seqlen} is longer than the model's maximum of {limit} positions; "
+                          f"use {what} {limit} or less")
+
+
 def _qmethod(config) -> str:
     qc = config.quantization_config
     qc = qc if isinstance(qc, dict) else getattr(qc, "to_dict", lambda: {})()
