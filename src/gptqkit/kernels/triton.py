@@ -29,8 +29,9 @@ kernel reads one row of scales per tile and applies them after the dot:
 
 The thresholds are module attributes (read at each call, so benchmarks can move them) with
 environment overrides GPTQKIT_TRITON_DECODE_MAX_M and GPTQKIT_TRITON_DEQUANT_MIN_M. Their
-defaults are first guesses: they are to be tuned on a GPU with benchmarks/gpu_check.py, which
-times the gemm and dequant paths side by side at every prefill M.
+defaults, the tile shapes and WIDE_UNPACK (off) are first guesses: no line of this file has run
+on a GPU yet. benchmarks/gpu_check.py checks every path against the torch reference on CUDA,
+times the gemm and dequant paths side by side at every prefill M, and sweeps the tiles.
 
 On a non-CUDA device `supports` returns a reason unless TRITON_INTERPRET=1 is set (then the
 kernels run in Triton's interpreter on the CPU: slow, used by the tests).
