@@ -29,6 +29,32 @@ def resolve_model(model: str | Path | None) -> Path | str:
     return model
 
 
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """The device to quantize on: 'auto' (or None) picks CUDA when torch sees a GPU, else the CPU,
+    and logs the choice; an explicit 'cuda' without a usable GPU is an error, not a silent CPU run."""
+    from .errors import ConfigError
+    if device is None or str(device) == "auto":
+        if torch.cuda.is_available():
+            try:
+                name = torch.cuda.get_device_name()
+            except Exception:  # noqa: BLE001  (the name is only for the log line)
+                name = "CUDA device"
+            log.info("CUDA is available (%s): quantizing on the GPU (block forward, fp32 Hessians and the "
+                     "solver on cuda; weights still stream from disk per block). Pass device='cpu' "
+                     "(--device cpu) to stay on the CPU", name)
+            return torch.device("cuda")
+        log.info("no CUDA device visible to torch: quantizing on the CPU")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"device={device!r} is not a device; use 'auto', 'cpu' or 'cuda' (or 'cuda:1')") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r} was asked for, but torch sees no CUDA GPU (torch {torch.__version__}); "
+                          "install a CUDA build of torch, or use device='cpu' or 'auto'")
+    return dev
+
+
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -36,7 +62,7 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
 
 def quantize(model: str | Path | None, calib: str | Path | Sequence[str] | Sequence[dict], out: str | Path,
              config: QuantizeConfig | None = None, *, nsamples: int = DEFAULT_NSAMPLES, seqlen: int | None = None, seed: int = 0,
-             batch_size: int | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
+             batch_size: int | None = None, device: str | torch.device | None = "auto", dtype: torch.dtype = torch.float32,
              overwrite: bool = False, trust_remote_code: bool = False, progress: bool = True,
              resume: bool = False, max_memory: int | str | None = None, holdout: int = 0,
              **config_kwargs: Any) -> QuantizeReport:
@@ -48,6 +74,8 @@ def quantize(model: str | Path | None, calib: str | Path | Sequence[str] | Seque
     seqlen: tokens per calibration window (pre-tokenized examples are cut to it); default 512, or
     the model's maximum positions if fewer. A longer seqlen than the model covers is refused.
     holdout: tokens at the end of a text `calib` never drawn (kept for evaluation).
+    device: 'auto' (CUDA when available, logged), 'cpu', 'cuda' or 'cuda:N'; the blocks, the
+    fp32 Hessians and the solver run there while weights stream from disk one block at a time.
     SIGTERM is treated like Ctrl-C while this runs: finished blocks are kept for `resume`."""
     from .data import calibration_batches
     if config is not None and config_kwargs:
@@ -55,7 +83,7 @@ def quantize(model: str | Path | None, calib: str | Path | Sequence[str] | Seque
     config = config or QuantizeConfig(**config_kwargs)
     path = resolve_model(model)
     out = check_out(out, path, overwrite=overwrite, resume=resume)
-    handle = ModelHandle(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    handle = ModelHandle(path, dtype=dtype, device=resolve_device(device), trust_remote_code=trust_remote_code)
     limit = max_positions(handle.config)
     if seqlen is None:  # the default, capped at what the model's positions cover
         seqlen = min(DEFAULT_SEQLEN, limit) if limit else DEFAULT_SEQLEN

@@ -336,7 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--eval-seqlen", type=int, default=None, help="tokens per evaluation window (default 512, "
                    "or the model's maximum if lower)")
     q.add_argument("--max-windows", type=int, default=16, help="evaluation windows at most (default %(default)s)")
-    q.add_argument("--device", default="cpu", help="where blocks are quantized (cpu, cuda, cuda:1)")
+    q.add_argument("--device", default="auto",
+                   help="where blocks, Hessians and the solver run: auto (CUDA when available), cpu, cuda, cuda:N")
     q.add_argument("--backend", default=None)
     q.add_argument("--json", action="store_true")
     q.add_argument("--push-to-hub", metavar="REPO", default=None,

@@ -196,7 +196,7 @@ class BlockQuantizer:
                                  "overflowed or the source weights are damaged); try dtype float32 or check "
                                  "the source checkpoint")
         if job.hessian is None:
-            job.hessian = Hessian(x.shape[-1], device=x.device, dtype=hessian_dtype(x.dtype))
+            job.hessian = Hessian(x.shape[-1], device=x.device, dtype=hessian_dtype(x.dtype, x.device))
         p.shared.append((x, job.hessian))
         mask = p.mask
         t0 = time.perf_counter()

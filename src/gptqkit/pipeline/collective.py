@@ -61,7 +61,8 @@ def reduce_hessian(job: LinearJob) -> None:
         buf[-1] = h.n
     tot = D.all_sum(buf)
     n = int(tot[-1].item())
-    new = Hessian(K, device=job.module.weight.device, dtype=hessian_dtype(job.module.weight.dtype))
+    w = job.module.weight
+    new = Hessian(K, device=w.device, dtype=hessian_dtype(w.dtype, w.device))
     if n:
         new.H = (tot[:-1].reshape(K, K) / n).to(new.H)
         new.n = n
