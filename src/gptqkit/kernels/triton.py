@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 
 import torch
 
-from .qlinear import QuantLinear, register_backend
+from .qlinear import QuantLinear, prologue, register_backend, sort_rows
 from .torch_ref import unpack_layer
 
 log = logging.getLogger(__name__)
@@ -144,6 +145,16 @@ def pack_k(q: torch.Tensor, bits: int) -> torch.Tensor:
     return words.to(torch.int32).contiguous()
 
 
+@dataclass
+class TritonLayout:
+    qw: torch.Tensor               # int32 [ceil(K/VPW), N] codes packed along K (group order)
+    s: torch.Tensor                # float32 [G, N] scales
+    sz: torch.Tensor               # float32 [G, N] scales · zeros
+    g: torch.Tensor                # int32 [K] group of each (permuted) row
+    perm: torch.Tensor | None      # act-order row permutation, or None
+    bias: torch.Tensor | None      # float32 [N]
+
+
 class TritonBackend:
     name = "triton"
     bits_supported = (2, 3, 4, 8)
@@ -162,34 +173,25 @@ class TritonBackend:
             return f"{layer.bits}-bit is not implemented"
         return None
 
-    def prepare(self, layer: QuantLinear) -> None:
+    def prepare(self, layer: QuantLinear) -> TritonLayout:
         q, z = unpack_layer(layer)
-        g_idx = layer.g_idx.long()
         K = layer.in_features
-        monotonic = bool((g_idx[1:] >= g_idx[:-1]).all()) if K > 1 else True
-        perm = None
-        if not monotonic:
-            perm = torch.argsort(g_idx, stable=True)
-            q, g_idx = q[perm], g_idx[perm]
+        q, g_idx, perm = sort_rows(q, layer.g_idx)
         if perm is None and layer.bits != 3 and layer.qweight.shape[0] * 32 // layer.bits == K:
-            layer._tr_qw = layer.qweight.contiguous()  # the checkpoint layout is the kernel layout
+            qw = layer.qweight.contiguous()  # the checkpoint layout is the kernel layout
         else:
-            layer._tr_qw = pack_k(q, layer.bits)
+            qw = pack_k(q, layer.bits)
         s = layer.scales.float()
-        layer._tr_s = s.contiguous()
-        layer._tr_sz = (s * z.to(s.device).float()).contiguous()
-        layer._tr_g = g_idx.to(torch.int32).contiguous()
-        layer._tr_perm = perm
-        layer._tr_bias = layer.bias.float() if layer.bias is not None else None
+        return TritonLayout(qw=qw, s=s.contiguous(), sz=(s * z.to(s.device).float()).contiguous(),
+                            g=g_idx.to(torch.int32).contiguous(), perm=perm,
+                            bias=layer.bias.float() if layer.bias is not None else None)
 
-    def forward(self, layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, layer: QuantLinear, L: TritonLayout, x: torch.Tensor) -> torch.Tensor:
         gemv, gemm = _kernels()
         K, N = layer.in_features, layer.out_features
         shape = x.shape
         out_dtype = x.dtype if x.dtype.is_floating_point else torch.float32
-        x2 = x.reshape(-1, K)
-        if layer._tr_perm is not None:
-            x2 = x2.index_select(1, layer._tr_perm)
+        x2 = prologue(x, K, L.perm)
         if x2.dtype not in (torch.float16, torch.bfloat16, torch.float32) or (
                 x2.dtype == torch.bfloat16 and x2.device.type != "cuda"):
             x2 = x2.float()  # Triton's CPU interpreter computes bf16 tl.dot on raw bits (wrong)
@@ -204,7 +206,7 @@ class TritonBackend:
             split = max(1, min(ksteps, 512 // max(1, tiles_n * M)))
             y = (torch.zeros if split > 1 else torch.empty)(M, N, dtype=torch.float32, device=x2.device)
             if M:
-                gemv[(tiles_n, split, M)](x2, layer._tr_qw, layer._tr_s, layer._tr_sz, layer._tr_g, y,
+                gemv[(tiles_n, split, M)](x2, L.qw, L.s, L.sz, L.g, y,
                                           N, K, x2.stride(0), y.stride(0), BITS=bits, VPW=vpw,
                                           BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SPLIT_K=split)
         else:
@@ -212,11 +214,11 @@ class TritonBackend:
             BLOCK_N, BLOCK_K = 64, 32
             y = torch.empty(M, N, dtype=torch.float32, device=x2.device)
             grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))
-            gemm[grid](x2, layer._tr_qw, layer._tr_s, layer._tr_sz, layer._tr_g, y, M, N, K,
+            gemm[grid](x2, L.qw, L.s, L.sz, L.g, y, M, N, K,
                        x2.stride(0), y.stride(0), BITS=bits, VPW=vpw, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
                        BLOCK_K=BLOCK_K, FP32=x2.dtype == torch.float32)
-        if layer._tr_bias is not None:
-            y += layer._tr_bias
+        if L.bias is not None:
+            y += L.bias
         return y.to(out_dtype).reshape(*shape[:-1], N)
 
 
