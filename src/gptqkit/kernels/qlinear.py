@@ -269,18 +269,30 @@ class QuantLinear(nn.Module):
             self._buffers["qweight"] = None
             self.codes_in_layout = True
 
+    def _apply(self, fn, recurse=True):
+        # .to(device) / .cuda() / .cpu(): a layout belongs to the device it was prepared for, so a
+        # move makes the next forward prepare again (there, not on every call, is the device check)
+        out = super()._apply(fn, recurse)
+        if self.prepared_on is not None and self.scales.device != self.prepared_on:
+            self.backend = None
+        if self.grad_prepared_on is not None and self.scales.device != self.grad_prepared_on:
+            self.grad_backend = None
+        return out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.backend is None or self.prepared_on != self.scales.device:  # new or moved
+        backend = self.backend
+        if backend is None:  # new, reloaded or moved
             self.post_init(self.requested_backend)
-        if x.requires_grad and torch.is_grad_enabled() and self.backend.name != "torch":
+            backend = self.backend
+        if x.requires_grad and backend.name != "torch" and torch.is_grad_enabled():
             # training adapters on top (PEFT/LoRA): gradients must flow to x; the packed weights are
             # buffers and stay frozen. Fused kernels have no backward, the torch reference does.
-            if self.grad_backend is None or self.grad_prepared_on != self.scales.device:
+            if self.grad_backend is None:
                 self.grad_backend = _REGISTRY["torch"]()
                 self.grad_layout = self.grad_backend.prepare(self)
                 self.grad_prepared_on = self.scales.device
             return self.grad_backend.forward(self, self.grad_layout, x)
-        return self.backend.forward(self, self.layout, x)
+        return backend.forward(self, self.layout, x)
 
     def extra_repr(self) -> str:
         be = self.backend.name if self.backend else "unprepared"

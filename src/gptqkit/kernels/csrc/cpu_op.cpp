@@ -17,6 +17,7 @@
 #include <torch/library.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 
@@ -42,39 +43,47 @@ at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor
     const int64_t K = x.size(-1);
     const int64_t G = seg.numel() - 1, nblk = s.size(0);
     TORCH_CHECK(w.is_contiguous() && s.is_contiguous() && sz.is_contiguous() && seg.is_contiguous()
-                && gk.is_contiguous() && s.size(1) == G && s.size(2) == 64 && nblk * 64 >= N,
+                && gk.is_contiguous() && s.size(1) == G && s.size(2) == 64 && nblk * 64 >= N
+                && (!bias.has_value() || (bias->scalar_type() == at::kFloat && bias->is_contiguous()
+                                          && bias->numel() == N)),
                 "gptqkit::cpu_linear: the layout tensors do not match (prepare the layer again)");
-    at::Tensor x2 = x.reshape({-1, K});
-    if (perm.has_value()) x2 = x2.index_select(1, *perm);
-    const int64_t M = x2.size(0);
+    // Decode calls (contiguous x, no act-order) go straight to the kernel on x's memory: every
+    // ATen call avoided here is a dispatcher round trip saved per layer and token.
+    at::Tensor x2 = x;
+    if (perm.has_value()) x2 = x.reshape({-1, K}).index_select(1, *perm);
+    else if (!x.is_contiguous()) x2 = x.contiguous();
+    const int64_t M = K ? x2.numel() / K : 0;
     const int64_t nt = threads_for(M, K, N, nblk);
-    at::Tensor y;
+    // y in x's leading shape (its memory is [M, N] row-major either way), fp32
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = N;
+    at::Tensor y = at::detail::empty_cpu(shape, at::kFloat);
+    float* Y = y.data_ptr<float>();
     int rc = 0;
     if (M < gemm_min_m) {
-        y = at::empty({M, N}, x.options().dtype(at::kFloat));
         if (M) {
             if (dp) {
                 // bf16 x goes in as is (exact); anything else as fp32, split into 2 bf16 parts
                 // (exact for fp16 values) or 3 (exact for any fp32)
                 const bool xbf = x2.scalar_type() == at::kBFloat16;
                 const int nsplit = xbf ? 1 : (x2.scalar_type() == at::kHalf ? 2 : 3);
-                at::Tensor xin = (xbf ? x2 : x2.to(at::kFloat)).contiguous();
+                at::Tensor xin = (xbf || x2.scalar_type() == at::kFloat) ? x2 : x2.to(at::kFloat).contiguous();
                 rc = gk_gemv_dp(w.data_ptr<uint8_t>(), s.data_ptr<float>(), sz.data_ptr<float>(),
                                 seg.data_ptr<int32_t>(), (int)K, (int)G, (int)nblk, xin.data_ptr(),
-                                xbf ? 1 : 0, nsplit, (int)M, y.data_ptr<float>(), (int)N, (int)nt);
+                                xbf ? 1 : 0, nsplit, (int)M, Y, (int)N, (int)nt);
             } else {
-                at::Tensor xin = x2.to(at::kFloat).contiguous();
+                at::Tensor xin = x2.scalar_type() == at::kFloat ? x2 : x2.to(at::kFloat).contiguous();
                 rc = gk_gemv(w.data_ptr<uint8_t>(), s.data_ptr<float>(), sz.data_ptr<float>(),
                              seg.data_ptr<int32_t>(), (int)bits, (int)K, (int)G, (int)nblk,
-                             xin.data_ptr<float>(), (int)M, y.data_ptr<float>(), (int)N, (int)nt);
+                             xin.data_ptr<float>(), (int)M, Y, (int)N, (int)nt);
             }
         }
     } else {
         // dequantize tiles of whole 64-column blocks (tile_bytes of fp32 at a time, never the
         // whole matrix) and hand each to torch's BLAS matmul
-        at::Tensor xf = x2.to(at::kFloat).contiguous();
+        at::Tensor xf = x2.reshape({M, K}).to(at::kFloat).contiguous();
+        at::Tensor y2 = y.view({M, N});
         const int64_t nb = std::max<int64_t>(1, std::min<int64_t>(nblk, tile_bytes / (K * 64 * 4)));
-        y = at::empty({M, N}, xf.options());
         at::Tensor tile = at::empty({K, nb * 64}, xf.options());
         for (int64_t b0 = 0; b0 < nblk && rc == 0; b0 += nb) {
             const int64_t cnt = std::min(nb, nblk - b0);
@@ -89,19 +98,20 @@ at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor
                                 t.data_ptr<float>(), (int)nt);
             const int64_t n0 = b0 * 64, n1 = std::min(N, (b0 + cnt) * 64);
             if (n1 - n0 == t.size(1) && nblk == cnt)
-                at::mm_out(y, xf, t);
+                at::mm_out(y2, xf, t);
             else
-                y.narrow(1, n0, n1 - n0).copy_(at::mm(xf, t.narrow(1, 0, n1 - n0)));
+                y2.narrow(1, n0, n1 - n0).copy_(at::mm(xf, t.narrow(1, 0, n1 - n0)));
         }
     }
     TORCH_CHECK(rc == 0, "the gptqkit CPU kernel returned error code ", rc,
                 "; load with backend='torch' to use the reference kernel");
-    if (bias.has_value()) y.add_(*bias);
+    if (bias.has_value()) {  // in place, as torch's add_ does (an exact fp32 add per element)
+        const float* b = bias->data_ptr<float>();
+        for (int64_t m = 0; m < M; ++m)
+            for (int64_t n = 0; n < N; ++n) Y[m * N + n] += b[n];
+    }
     const at::ScalarType out = x.is_floating_point() ? x.scalar_type() : at::kFloat;
-    if (out != at::kFloat) y = y.to(out);
-    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
-    shape.push_back(N);
-    return y.view(shape);
+    return out == at::kFloat ? y : y.to(out);
 }
 
 }  // namespace
