@@ -32,6 +32,25 @@ def _bits_from_shapes(qweight_rows: int, K: int) -> int:
     raise CheckpointError(f"qweight with {qweight_rows} rows fits no bit width for {K} inputs")
 
 
+def _read_off_map(folder: Path, names: set[str]) -> dict[str, torch.Tensor]:
+    """The named tensors read with plain file reads (no memory map)."""
+    from ..formats.checkpoint import _ST_DTYPES, read_header, shard_files
+    dtypes = {v: k for k, v in _ST_DTYPES.items()}
+    out: dict[str, torch.Tensor] = {}
+    for f in shard_files(folder):
+        head, data = read_header(f)
+        with open(f, "rb") as fh:
+            for k in sorted(names & head.keys()):
+                e = head[k]
+                a, b = e["data_offsets"]
+                t = torch.empty(e["shape"], dtype=dtypes[e["dtype"]])
+                fh.seek(data + a)
+                if b > a and fh.readinto(t.view(-1).view(torch.uint8).numpy()) != b - a:
+                    raise CheckpointError(f"{f} is truncated at {k}; download or copy it again")
+                out[k] = t
+    return out
+
+
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, child, new)
@@ -97,12 +116,19 @@ def load_quantized(path: str | Path, *, backend: str | None = None, device: str 
         return k.endswith(qparts) or (k.rsplit(".", 1)[0] in qset and k.endswith(".bias")) \
             or not t.is_floating_point()
     convert = {k for k, t in state.items() if not keep(k, t) and t.dtype != dtype}
-    # Every tensor is copied off the safetensors memory map: one tensor left on the map keeps the
-    # file mapped, and with it the pages of tensors that are read once and then dropped — those
-    # converted to another dtype (SmolLM2's fp32 embedding loaded as bf16: 113 MB) and the
-    # `qweight` codes, which the CPU backend's layout replaces (codes held once, see QuantLinear).
-    # SmolLM2 4-bit fp32, RSS after load and one forward: 669 MB left on the map, 618 MB copied.
-    state = {k: (t.to(dtype) if k in convert else t.clone()) for k, t in state.items()}
+    # When some tensors change dtype, the others are copied off the safetensors memory map too: one
+    # tensor left on the map keeps the file mapped, and with it the pages of the tensors read only
+    # to be converted (SmolLM2's fp32 embedding loaded as bf16: 113 MB more RSS, measured).
+    # Without conversions, taking the tensors as they are measured less RSS than copying them,
+    # except the codes: the CPU backend's layout replaces `qweight` after prepare (codes held
+    # once), but pages read through the map stay resident as long as the file is mapped (and the
+    # kernel maps neighbouring pages on each fault), so the GPTQ tensors are read with plain file
+    # reads instead and only the other weights stay on the map.
+    if convert:
+        state = {k: (t.to(dtype) if k in convert else t.clone()) for k, t in state.items()}
+    else:
+        gptq = {k for k in state if k.endswith(qparts) or (k.rsplit(".", 1)[0] in qset and k.endswith(".bias"))}
+        state.update(_read_off_map(path, gptq))
     tensors.clear()
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if hasattr(model, "tie_weights"):
