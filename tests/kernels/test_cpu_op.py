@@ -86,6 +86,13 @@ def test_op_under_torch_compile_and_inference_mode(make_layer, make_pair, relerr
     assert fy.shape == (2, 5, 96) and fy.dtype == torch.bfloat16
 
 
+def test_op_errors_are_backend_errors(make_layer, make_pair):
+    from gptqkit.errors import BackendError
+    layer, _ = make_pair(make_layer(128, 70, 4, 32), "cpu")
+    with pytest.raises(BackendError, match="x has 96 features, the layer takes 128"):
+        layer(torch.randn(2, 96))
+
+
 def test_op_unavailable_falls_back_to_ctypes(make_layer, make_pair, relerr, monkeypatch, caplog):
     """GPTQKIT_CPU_OP=0 (or an op that does not build) leaves the ctypes path, with the reason logged."""
     monkeypatch.setattr(cpu, "_op", None)

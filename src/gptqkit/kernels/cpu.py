@@ -443,7 +443,10 @@ class CpuBackend:
 
     def forward(self, layer: QuantLinear, L: CpuLayout, x: torch.Tensor) -> torch.Tensor:
         if L.op_args is not None:  # the whole forward in C++ (csrc/cpu_op.cpp); _op is set when op_args are
-            return _op(x, *L.op_args)
+            try:
+                return _op(x, *L.op_args)
+            except RuntimeError as e:  # TORCH_CHECK failures and kernel return codes
+                raise BackendError(f"{layer.describe()}: {e}") from e
         return self._forward_ctypes(L, x)
 
     def _forward_ctypes(self, L: CpuLayout, x: torch.Tensor) -> torch.Tensor:

@@ -40,6 +40,8 @@ at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor
                       const std::optional<at::Tensor>& perm, const std::optional<at::Tensor>& bias,
                       int64_t N, int64_t bits, int64_t dp, int64_t gemm_min_m, int64_t tile_bytes) {
     TORCH_CHECK(x.device().is_cpu(), "gptqkit::cpu_linear: x must be on the CPU, got ", x.device());
+    TORCH_CHECK(x.dim() >= 1 && x.size(-1) == gk.numel(), "gptqkit::cpu_linear: x has ",
+                x.dim() ? x.size(-1) : 0, " features, the layer takes ", gk.numel());
     const int64_t K = x.size(-1);
     const int64_t G = seg.numel() - 1, nblk = s.size(0);
     TORCH_CHECK(w.is_contiguous() && s.is_contiguous() && sz.is_contiguous() && seg.is_contiguous()
