@@ -225,8 +225,10 @@ class QuantLinear(nn.Module):
         if self.codes_in_layout and prefix + "qweight" in state_dict:  # overwritten just below
             self._restore_qweight(torch.empty(self.in_features * self.bits // 32, self.out_features,
                                               dtype=torch.int32, device=self.scales.device))
-        elif prefix + "qweight" in state_dict:
-            self.backend = self.layout = self.prepared_on = None  # new codes: prepare again
+        elif any(prefix + k in state_dict for k in ("qweight", "qzeros", "scales", "g_idx", "bias")):
+            # new tensors: the layouts were built from the old ones, prepare again on the next call
+            self.backend = self.layout = self.prepared_on = None
+            self.grad_backend = self.grad_layout = self.grad_prepared_on = None
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
