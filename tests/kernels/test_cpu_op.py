@@ -66,17 +66,22 @@ def test_op_under_torch_compile_and_inference_mode(make_layer, make_pair, relerr
     layer, ref = make_pair(make_layer(256, 96, 4, 64, act_order=True, bias=True), "cpu")
     assert layer.layout.use_op
     model = torch.nn.Sequential(layer, torch.nn.GELU())
-    x = torch.randn(3, 256)
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(0))
     eager = model(x)
     assert relerr(eager, torch.nn.functional.gelu(ref(x))) < 2e-5
     with torch.inference_mode():
         y = model(x)
         assert y.is_inference() and torch.equal(y, eager)
     torch._dynamo.reset()
+    # the op is opaque to the compiler: alone, the compiled layer gives the eager bits; around it,
+    # inductor's own GELU may round differently from eager's (fp32 tolerance)
+    alone = torch.compile(layer, fullgraph=True, dynamic=False)
+    assert torch.equal(alone(x), layer(x))
     compiled = torch.compile(model, fullgraph=True, dynamic=False)
-    torch.testing.assert_close(compiled(x), eager, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(compiled(x), eager, rtol=1e-5, atol=1e-5)
     with torch.inference_mode():
-        torch.testing.assert_close(compiled(x), eager, rtol=1e-6, atol=1e-6)
+        assert torch.equal(alone(x), layer(x))
+        torch.testing.assert_close(compiled(x), eager, rtol=1e-5, atol=1e-5)
     # the fake implementation gives shapes and dtypes without running the kernel
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode() as mode:
