@@ -85,11 +85,17 @@ def worker(a) -> dict:
     derived = 0
     backends = {}
     seen = set()
+    codes_once = 0
+    calls = set()
     for m in model.modules():
         if isinstance(m, QuantLinear):
             backends[m.backend.name if m.backend else "none"] = backends.get(m.backend.name if m.backend else "none", 0) + 1
-            for k, v in vars(m).items():
-                if isinstance(v, torch.Tensor) and k.startswith("_") and id(v) not in seen:
+            # the backend's layout (CpuLayout: repacked codes, fp32 scale tables); with the codes
+            # held there the layer has dropped its qweight buffer (QuantLinear.codes_in_layout)
+            codes_once += bool(m.codes_in_layout)
+            calls.add("op" if getattr(m.layout, "use_op", False) else m.backend.name)
+            for v in vars(m.layout).values() if m.layout is not None else ():
+                if isinstance(v, torch.Tensor) and id(v) not in seen:
                     seen.add(id(v))
                     derived += v.numel() * v.element_size()
     # tied embeddings appear twice in the state dict; count storage once
@@ -106,7 +112,8 @@ def worker(a) -> dict:
            "rss_start_mb": rss_start / 1024, "rss_after_load_mb": rss_load / 1024,
            "rss_after_load_trim_mb": rss_trim / 1024 if rss_trim is not None else None,
            "state_dict_mb": sd_bytes / 2**20, "weight_mb": weight_bytes / 2**20,
-           "derived_mb": derived / 2**20, "quant_backends": backends}
+           "derived_mb": derived / 2**20, "quant_backends": backends,
+           "layers_codes_held_once": codes_once, "cpu_call": sorted(calls)}
 
     with torch.inference_mode():
         # prefill

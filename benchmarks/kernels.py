@@ -157,7 +157,7 @@ def main() -> None:
                 l0 = copy.deepcopy(base)
                 l0.post_init(be_name)
                 if be_name == "cpu":
-                    nbytes = l0._cpu_w.numel() + 2 * 4 * l0._cpu_s.numel()
+                    nbytes = l0.layout.w.numel() + 2 * 4 * l0.layout.s.numel()
                     ls = [l0]
                     for _ in range(int(rot // nbytes) - 1):
                         # a full copy prepared on its own: the M = 1 fast path calls the kernel
@@ -181,7 +181,7 @@ def main() -> None:
                 aten = {dt: [(w4.clone(), sz.to(dt).contiguous()) for _ in range(n_aten)]
                         for dt in (torch.float32, torch.bfloat16)}
             packed_bytes = K * N * bits // 8
-            kernel_bytes = (layers["cpu"][0]._cpu_w.numel() + 8 * layers["cpu"][0]._cpu_s.numel()) if "cpu" in layers else packed_bytes
+            kernel_bytes = (layers["cpu"][0].layout.w.numel() + 8 * layers["cpu"][0].layout.s.numel()) if "cpu" in layers else packed_bytes
             for M in ms_list:
                 x32 = torch.randn(M, K, generator=gen)
                 x16 = x32.to(torch.bfloat16)
@@ -217,8 +217,8 @@ def main() -> None:
                     row["x_floor"] = round(c / row["floor_ms"], 2)
                     if "aten_int4_bf16_ms" in row:
                         row["bf16_speedup_vs_aten_bf16"] = round(row["aten_int4_bf16_ms"] / row["cpu_bf16_ms"], 2)
-                    row["kernel_fp32_model"] = "bf16 dot-product" if layers["cpu"][0]._cpu_dp else "fma"
-                    row["kernel_bf16_model"] = "bf16 dot-product" if layers["cpu_bf16"][0]._cpu_dp else "fma"
+                    row["kernel_fp32_model"] = "bf16 dot-product" if layers["cpu"][0].layout.dp else "fma"
+                    row["kernel_bf16_model"] = "bf16 dot-product" if layers["cpu_bf16"][0].layout.dp else "fma"
                 log(json.dumps(row))
                 results.append(row)
             del layers, aten

@@ -77,8 +77,9 @@ def test_hessians_are_float32_on_cuda():
     assert _hessian_dtype(torch.float64) == torch.float64
 
 
-def test_cli_quantize_device_flag(monkeypatch, tmp_path, tiny_llama_dir, tiny_text_file):
-    """--device reaches api.quantize (default auto)."""
+def test_cli_quantize_device_flag(monkeypatch, tmp_path, tiny_llama_dir, tiny_text_file, capsys):
+    """--device is resolved before any work (auto: CUDA when seen, else CPU; an explicit CUDA device
+    without a GPU is refused with exit code 2) and the resolved device reaches api.quantize."""
     from gptqkit import cli
     seen = []
 
@@ -87,8 +88,15 @@ def test_cli_quantize_device_flag(monkeypatch, tmp_path, tiny_llama_dir, tiny_te
         raise _Reached
 
     monkeypatch.setattr(api, "quantize", fake_quantize)
-    for extra, want in (([], "auto"), (["--device", "cpu"], "cpu"), (["--device", "cuda:0"], "cuda:0")):
+    args = ["quantize", str(tiny_llama_dir), "--calib", str(tiny_text_file), "--no-eval", "--group-size", "32"]
+    for extra in ([], ["--device", "cpu"]):
         with pytest.raises(_Reached):
-            cli.main(["quantize", str(tiny_llama_dir), "--calib", str(tiny_text_file),
-                      "--out", str(tmp_path / f"o{len(seen)}"), "--no-eval", *extra])
-    assert seen == ["auto", "cpu", "cuda:0"]
+            cli.main(args + ["--out", str(tmp_path / f"o{len(seen)}"), *extra])
+    assert seen == [torch.device("cpu"), torch.device("cpu")]
+    assert cli.main(args + ["--out", str(tmp_path / "o9"), "--device", "cuda:0"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err and seen == [torch.device("cpu")] * 2
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
+    with pytest.raises(_Reached):
+        cli.main(args + ["--out", str(tmp_path / "o8")])
+    assert seen[-1] == torch.device("cuda") and "quantizing and evaluating on cuda" in capsys.readouterr().err

@@ -144,10 +144,15 @@ def cmd_quantize(a) -> int:
     eval_src, eval_desc, holdout = _eval_plan(a, calib, tok, seqlen)
     result: dict = {"model": str(model_path), "out": str(out), "config": cfg.to_dict(), "calibration": str(calib)}
     seconds: dict = {}
+    from .api import resolve_device
+    device = resolve_device(a.device)
+    if device.type == "cuda" and a.device == "auto" and rank0 and not a.json:
+        print(f"CUDA is available: quantizing and evaluating on {device} (--device cpu to stay on the CPU)",
+              file=sys.stderr)
     t0 = time.perf_counter()
     rep = quantize(model_path, calib, out, cfg, nsamples=a.nsamples, seqlen=seqlen, seed=a.seed,
                    batch_size=a.batch_size, overwrite=a.overwrite, dtype=_dtype(a.dtype), progress=not a.json,
-                   resume=a.resume, max_memory=a.max_memory, holdout=holdout, device=a.device)
+                   resume=a.resume, max_memory=a.max_memory, holdout=holdout, device=device)
     if not rank0:
         return 0
     seconds["quantize"] = result["quantize_seconds"] = round(time.perf_counter() - t0, 2)
@@ -157,7 +162,8 @@ def cmd_quantize(a) -> int:
     result["peak_rss_mb_quantize"] = round(_peak_rss_mb(), 1)
     # evaluated after quantizing, so that a setting the model cannot take fails before minutes of evaluation
     if eval_src is not None:
-        for key, loader in (("before", lambda: _load_float(model_path)), ("after", lambda: load(out, backend=a.backend))):
+        for key, loader in (("before", lambda: _load_float(model_path).to(device)),
+                            ("after", lambda: load(out, backend=a.backend, device=device))):
             t0 = time.perf_counter()
             m = loader()
             result[f"ppl_{key}"] = _eval_ppl(m, tok, eval_src, a.eval_seqlen, a.max_windows, not a.json)

@@ -23,6 +23,20 @@ needs_dp = pytest.mark.skipif(not cpu.dp_available(), reason="no AVX-512 BF16 do
 KERNELS = ["fma", pytest.param("dp", marks=needs_dp)]
 
 
+def prepare_with(layer: QuantLinear, **attrs) -> QuantLinear:
+    """Prepare `layer` on the cpu backend with some CpuBackend settings changed (they are read at
+    prepare time, into the layout)."""
+    saved = {k: getattr(cpu.CpuBackend, k) for k in attrs}
+    try:
+        for k, v in attrs.items():
+            setattr(cpu.CpuBackend, k, v)
+        layer.post_init("cpu")
+    finally:
+        for k, v in saved.items():
+            setattr(cpu.CpuBackend, k, v)
+    return layer
+
+
 @pytest.fixture
 def kernel(request, monkeypatch):
     monkeypatch.setattr(cpu.CpuBackend, "use_dp", "1" if request.param == "dp" else "0")
@@ -42,19 +56,19 @@ def test_matches_torch_backend(make_layer, make_pair, relerr, kernel, bits, sym,
     layer, ref = make_pair(make_layer(K, N, bits, g, sym=sym, fmt=fmt, act_order=act_order, bias=True,
                                       seed=bits * 7 + K), "cpu")
     assert layer.backend.name == "cpu"
-    assert (layer._cpu_perm is not None) == (act_order and g != -1)  # one group: no permutation needed
+    assert (layer.layout.perm is not None) == (act_order and g != -1)  # one group: no permutation needed
     # act-order groups of the test layers are exactly g rows each (after the permutation), so the
     # dot-product kernel takes every 3/4-bit case here
-    assert layer._cpu_dp == (kernel == "dp")
+    assert layer.layout.dp == (kernel == "dp")
     gen = torch.Generator().manual_seed(K + N)
     # fused kernel: 1..8 rows and 40 rows (6-row tiles and every remainder)
-    layer.backend.gemm_min_m = 1 << 62
+    prepare_with(layer, gemm_min_m=1 << 62)
     for M in (1, 3, 5, 8, 40):
         x = torch.randn(M, K, generator=gen)
         err = relerr(layer(x), ref(x))
         assert err < TOL[torch.float32], (M, err)
     x = torch.randn(40, K, generator=gen)  # the optional BLAS path (tile dequantize + torch.mm)
-    layer.backend.gemm_min_m = 32
+    prepare_with(layer, gemm_min_m=32)
     assert relerr(layer(x), ref(x)) < TOL[torch.float32]
 
 
@@ -62,7 +76,7 @@ def test_matches_torch_backend(make_layer, make_pair, relerr, kernel, bits, sym,
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_inputs_and_3d(make_layer, make_pair, relerr, kernel, dtype):
     layer, ref = make_pair(make_layer(160, 77, 4, 64, sym=False, fmt="gptq_v2", act_order=True), "cpu")
-    assert layer._cpu_dp == (kernel == "dp")
+    assert layer.layout.dp == (kernel == "dp")
     x = torch.randn(2, 3, 160).to(dtype)
     y = layer(x)
     assert y.shape == (2, 3, 77) and y.dtype == dtype
@@ -74,13 +88,9 @@ def test_half_inputs_and_3d(make_layer, make_pair, relerr, kernel, dtype):
 def test_gemm_threshold_paths_agree(make_layer, make_pair, relerr, monkeypatch, kernel):
     layer, ref = make_pair(make_layer(256, 200, 4, 128, sym=True, act_order=True), "cpu")
     x = torch.randn(48, 256)
-    monkeypatch.setattr(cpu.CpuBackend, "gemm_min_m", 32)
-    y_blas = layer(x)
-    monkeypatch.setattr(cpu.CpuBackend, "gemm_min_m", 1 << 30)
-    y_gemv = layer(x)
-    monkeypatch.setattr(cpu.CpuBackend, "tile_bytes", 1)  # one 64-column block per tile
-    monkeypatch.setattr(cpu.CpuBackend, "gemm_min_m", 1)
-    y_tiles = layer(x)
+    y_blas = prepare_with(layer, gemm_min_m=32)(x)
+    y_gemv = prepare_with(layer, gemm_min_m=1 << 30)(x)
+    y_tiles = prepare_with(layer, gemm_min_m=1, tile_bytes=1)(x)  # one 64-column block per tile
     r = ref(x)
     assert relerr(y_blas, r) < 2e-5 and relerr(y_gemv, r) < 2e-5 and relerr(y_tiles, r) < 2e-5
 
@@ -159,14 +169,15 @@ def test_dp_kernel_choice_and_exactness(make_layer, make_pair, relerr, monkeypat
         layer = make_layer(128, 64, 4, 32)
         layer.compute_dtype = dtype
         layer.post_init("cpu")
-        assert layer._cpu_dp is want, dtype
+        assert layer.layout.dp is want, dtype
     monkeypatch.setattr(cpu.CpuBackend, "use_dp", "1")
     ragged = make_layer(128, 64, 4, 32)
     ragged.g_idx.copy_(torch.tensor([0] * 37 + [1] * 27 + [2] * 32 + [3] * 32, dtype=torch.int32))
     ragged.post_init("cpu")
-    assert not ragged._cpu_dp
+    assert not ragged.layout.dp
     layer, ref = make_pair(make_layer(1024, 96, 4, -1, sym=False, bias=True), "cpu")
-    assert layer._cpu_dp and layer._cpu_seg.numel() - 1 == 1024 // 128  # long run cut in 8
+    L = layer.layout
+    assert L.dp and L.seg.numel() - 1 == 1024 // 128  # long run cut in 8
     gen = torch.Generator().manual_seed(5)
     for M in (1, 2, 7):
         x = torch.randn(M, 1024, generator=gen)
@@ -176,11 +187,10 @@ def test_dp_kernel_choice_and_exactness(make_layer, make_pair, relerr, monkeypat
         # is as close to the exact product as with fp32 x
         xb = x.bfloat16()
         y = torch.empty(M, 96)
-        rc = cpu.get_lib().gk_gemv_dp(layer._cpu_w.data_ptr(), layer._cpu_s.data_ptr(), layer._cpu_sz.data_ptr(),
-                                      layer._cpu_seg.data_ptr(), 1024, layer._cpu_seg.numel() - 1, layer._cpu_nblk,
-                                      xb.data_ptr(), 1, 1, M, y.data_ptr(), 96, 1)
+        rc = cpu.get_lib().gk_gemv_dp(L.w.data_ptr(), L.s.data_ptr(), L.sz.data_ptr(), L.seg.data_ptr(), 1024,
+                                      L.seg.numel() - 1, L.nblk, xb.data_ptr(), 1, 1, M, y.data_ptr(), 96, 1)
         assert rc == 0
-        assert relerr(y + layer._cpu_bias, xb.double() @ ref.weight.double().T + ref.bias.double()) < 2e-5
+        assert relerr(y + L.bias, xb.double() @ ref.weight.double().T + ref.bias.double()) < 2e-5
         assert layer(xb).dtype == torch.bfloat16
 
 
@@ -191,7 +201,8 @@ def test_isa_reported():
 @pytest.mark.skipif(cpu.isa() != "avx512", reason="the AVX2 build is checked from an AVX-512 machine")
 def test_avx2_build_in_subprocess():
     """The AVX2+FMA build (what a CPU without AVX-512 gets from -march=native), compiled here with
-    -march=x86-64-v3 and run through the same correctness tests, both paths (fused and BLAS)."""
+    -march=x86-64-v3 and run through the same correctness tests, both paths (fused and BLAS), via
+    the custom op and via ctypes."""
     import os
     import subprocess
     import sys
@@ -199,8 +210,10 @@ def test_avx2_build_in_subprocess():
     probe = subprocess.run([sys.executable, "-c", "from gptqkit.kernels import cpu; print(cpu.isa())"],
                            env=env, capture_output=True, text=True, timeout=600)
     assert probe.stdout.strip() == "avx2", probe.stderr[-2000:]
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                        "-k", "(matches_torch_backend and fma) or threshold_paths"],
+    # through the custom op (the default) and its bit-equality with the ctypes path
+    op_tests = os.path.join(os.path.dirname(__file__), "test_cpu_op.py")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, op_tests,
+                        "-k", "(matches_torch_backend and fma) or threshold_paths or (bit_equal and fma)"],
                        env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert " passed" in r.stdout

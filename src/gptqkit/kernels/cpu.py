@@ -13,11 +13,20 @@
   kernel (`repack_dp` layout) that reads bf16 activations as they are; fp32 models keep the
   FMA kernel above (see `CpuBackend.use_dp`).
 
-The C++ source (csrc/cpu_kernels.cpp) is compiled at first use with the system C++ compiler
-(`$CXX` or g++/c++), no torch headers and no ninja needed, and cached per user under
-`$GPTQKIT_CACHE_DIR` (default `$XDG_CACHE_HOME/gptqkit` or `~/.cache/gptqkit`) keyed by the hash
-of source, flags, compiler and CPU flags. If it cannot be built, `supports` returns the reason
-and QuantLinear falls back to the torch backend (the reason is logged).
+Two builds of one C++ source, both compiled at first use with the system C++ compiler (`$CXX`
+or g++/c++, no ninja) and cached per user under `$GPTQKIT_CACHE_DIR` (default
+`$XDG_CACHE_HOME/gptqkit` or `~/.cache/gptqkit`), keyed by the hash of the sources, flags,
+compiler, CPU flags (and torch version for the op):
+* the torch custom op `torch.ops.gptqkit.cpu_linear` (csrc/cpu_op.cpp, built against torch's
+  headers): the whole layer forward in one dispatcher call, used by default. It has a fake
+  implementation, so models with these layers run under torch.compile.
+* the plain kernel library (csrc/cpu_kernels.cpp, no torch headers) called through ctypes: the
+  fallback when the op cannot be built (logged once, with the reason), or GPTQKIT_CPU_OP=0.
+If the library cannot be built either, `supports` returns the reason and QuantLinear falls back
+to the torch backend (logged).
+
+Prepared state is a `CpuLayout`; with it the layer drops its checkpoint `qweight` (the layout's
+`codes()` rebuilds it exactly for saving), so the codes are held once.
 """
 from __future__ import annotations
 
@@ -31,17 +40,20 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from ..errors import BackendError
-from .qlinear import QuantLinear, register_backend
+from .qlinear import QuantLinear, epilogue, prologue, register_backend, sort_rows, unsort_rows
 from .torch_ref import unpack_layer
 
 log = logging.getLogger(__name__)
 
 _SRC = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
+_OP_SRC = Path(__file__).with_name("csrc") / "cpu_op.cpp"
 # GPTQKIT_CPU_MARCH builds for another target than this CPU (e.g. x86-64-v3 = AVX2+FMA, to test
 # and benchmark the AVX2 build on an AVX-512 machine)
 _MARCH = os.environ.get("GPTQKIT_CPU_MARCH", "native")
@@ -50,6 +62,8 @@ _FLAG_SETS = (["-O3", f"-march={_MARCH}", "-fopenmp", "-std=c++17"],
               ["-O3", "-std=c++17"])
 _lib = None
 _lib_error: str | None = None
+_op: Callable | None = None
+_op_error: str | None = None
 _lock = threading.Lock()
 
 BLOCK = 64  # output columns per repacked block (must match the C++ source)
@@ -81,61 +95,106 @@ def _compiler() -> str | None:
     return None
 
 
-def _build() -> ctypes.CDLL:
-    """Compile (or reuse the cached build of) the kernels; raises RuntimeError with the reason."""
+def _compile(src: Path, flag_sets, extra: list[str], name: str, key_extra: bytes = b"") -> Path:
+    """Compile `src` into the cache (or reuse the cached build) with the first flag set that
+    works; the path of the shared library, or RuntimeError with every attempt's reason."""
     if os.environ.get("GPTQKIT_DISABLE_CPU_KERNEL"):
         raise RuntimeError("disabled by GPTQKIT_DISABLE_CPU_KERNEL")
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set $CXX or install g++)")
-    src = _SRC.read_bytes()
+    # every source file the build reads is in the key, so a changed kernel never reuses an old build
+    srcs = b"\0".join(p.read_bytes() for p in sorted(src.parent.glob("*.cpp")))
     try:
         cxx_version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
     except Exception as e:  # noqa: BLE001
         raise RuntimeError(f"cannot run {cxx}: {e}") from e
     errors = []
-    for flags in _FLAG_SETS:
-        key = hashlib.sha256(b"\0".join([src, " ".join(flags).encode(), cxx_version.encode(),
-                                         _cpu_signature().encode(), platform.machine().encode()])).hexdigest()[:20]
-        out = cache_dir() / "kernels" / f"cpu-{key}" / "libgptqkit_cpu.so"
+    for flags in flag_sets:
+        key = hashlib.sha256(b"\0".join([srcs, " ".join(flags + extra).encode(), cxx_version.encode(),
+                                         _cpu_signature().encode(), platform.machine().encode(),
+                                         key_extra])).hexdigest()[:20]
+        out = cache_dir() / "kernels" / f"{name}-{key}" / f"libgptqkit_{name}.so"
         if not out.exists():
             out.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
             os.close(fd)
-            cmd = [cxx, *flags, "-shared", "-fPIC", "-o", tmp, str(_SRC)]
-            log.info("building the gptqkit CPU kernel: %s", " ".join(cmd))
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            cmd = [cxx, *flags, "-shared", "-fPIC", "-o", tmp, str(src), *extra]
+            log.info("building the gptqkit CPU kernel (%s): %s", name, " ".join(cmd))
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
             if r.returncode != 0:
                 os.unlink(tmp)
                 errors.append(f"{' '.join(flags)}: {r.stderr.strip()[-500:]}")
                 continue
             os.replace(tmp, out)  # atomic: concurrent builders never see a partial file
-        try:
-            lib = ctypes.CDLL(str(out))
-            if lib.gk_abi_version() != 3:
-                raise OSError("ABI version mismatch")
-        except OSError as e:
-            errors.append(f"{' '.join(flags)}: cannot load {out}: {e}")
-            continue
-        p, i = ctypes.c_void_p, ctypes.c_int
-        lib.gk_gemv.argtypes = [p, p, p, p, i, i, i, i, p, i, p, i, i]
-        lib.gk_gemv.restype = i
-        lib.gk_dequant.argtypes = [p, p, p, p, i, i, i, i, i, p, i]
-        lib.gk_dequant.restype = i
-        # decode fast path: (struct gk_layer*, X, M, Y, nthreads)
-        lib.gk_gemv_layer.argtypes = [p, p, i, p, i]
-        lib.gk_gemv_layer.restype = i
-        lib.gk_has_dp.restype = i
-        lib.gk_isa.restype = i
-        lib.gk_gemv_dp.argtypes = [p, p, p, p, i, i, i, p, i, i, i, p, i, i]
-        lib.gk_gemv_dp.restype = i
-        lib.gk_gemv_dp_layer.argtypes = [p, p, i, i, i, p, i]
-        lib.gk_gemv_dp_layer.restype = i
-        lib.gk_dequant_dp.argtypes = [p, p, p, p, i, i, i, i, p, i]
-        lib.gk_dequant_dp.restype = i
-        log.debug("gptqkit CPU kernel loaded from %s (flags %s)", out, " ".join(flags))
-        return lib
-    raise RuntimeError("could not build the CPU kernel: " + " | ".join(errors))
+        return out
+    raise RuntimeError(f"could not build the CPU kernel ({name}): " + " | ".join(errors))
+
+
+def _build() -> ctypes.CDLL:
+    """Compile (or reuse the cached build of) the ctypes kernel library; RuntimeError with the reason."""
+    out = _compile(_SRC, _FLAG_SETS, [], "cpu")
+    try:
+        lib = ctypes.CDLL(str(out))
+    except OSError as e:
+        raise RuntimeError(f"cannot load {out}: {e}") from e
+    if lib.gk_abi_version() != 3:
+        raise RuntimeError(f"{out}: ABI version mismatch")
+    p, i = ctypes.c_void_p, ctypes.c_int
+    lib.gk_gemv.argtypes = [p, p, p, p, i, i, i, i, p, i, p, i, i]
+    lib.gk_gemv.restype = i
+    lib.gk_dequant.argtypes = [p, p, p, p, i, i, i, i, i, p, i]
+    lib.gk_dequant.restype = i
+    # decode fast path: (struct gk_layer*, X, M, Y, nthreads)
+    lib.gk_gemv_layer.argtypes = [p, p, i, p, i]
+    lib.gk_gemv_layer.restype = i
+    lib.gk_has_dp.restype = i
+    lib.gk_isa.restype = i
+    lib.gk_gemv_dp.argtypes = [p, p, p, p, i, i, i, p, i, i, i, p, i, i]
+    lib.gk_gemv_dp.restype = i
+    lib.gk_gemv_dp_layer.argtypes = [p, p, i, i, i, p, i]
+    lib.gk_gemv_dp_layer.restype = i
+    lib.gk_dequant_dp.argtypes = [p, p, p, p, i, i, i, i, p, i]
+    lib.gk_dequant_dp.restype = i
+    log.debug("gptqkit CPU kernel loaded from %s", out)
+    return lib
+
+
+def _build_op() -> Callable:
+    """Compile (or reuse) the torch custom op and load it; RuntimeError with the reason."""
+    if os.environ.get("GPTQKIT_CPU_OP", "1") == "0":
+        raise RuntimeError("disabled by GPTQKIT_CPU_OP=0")
+    if not hasattr(torch.ops.gptqkit, "cpu_linear"):  # a second build in one process cannot load
+        from torch.utils import cpp_extension
+        inc = [f"-I{d}" for d in cpp_extension.include_paths()]
+        libdirs = cpp_extension.library_paths()
+        extra = [*inc, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+                 *[f"-L{d}" for d in libdirs], *[f"-Wl,-rpath,{d}" for d in libdirs], "-lc10", "-ltorch_cpu"]
+        # C++20 as torch's own extension builder uses; hidden symbols so the kernel functions bind
+        # inside this library, never to the ctypes library's copies
+        flag_sets = [[*f[:-1], "-std=c++20", "-fvisibility=hidden", "-w"] for f in _FLAG_SETS]
+        out = _compile(_OP_SRC, flag_sets, extra, "op", key_extra=torch.__version__.encode())
+        torch.ops.load_library(str(out))
+        log.debug("gptqkit CPU op loaded from %s", out)
+    _register_fake()
+    return torch.ops.gptqkit.cpu_linear.default
+
+
+_fake_registered = False
+
+
+def _register_fake() -> None:
+    """The op's shape/dtype rule, which torch.compile (FakeTensor tracing) needs."""
+    global _fake_registered
+    if _fake_registered:
+        return
+
+    @torch.library.register_fake("gptqkit::cpu_linear")
+    def _(x, w, s, sz, seg, gk, perm, bias, N, bits, dp, gemm_min_m, tile_bytes):
+        dtype = x.dtype if x.dtype.is_floating_point else torch.float32
+        return x.new_empty((*x.shape[:-1], N), dtype=dtype)
+
+    _fake_registered = True
 
 
 def get_lib() -> ctypes.CDLL | None:
@@ -154,6 +213,26 @@ def get_lib() -> ctypes.CDLL | None:
 def lib_error() -> str | None:
     get_lib()
     return _lib_error
+
+
+def get_op() -> Callable | None:
+    """`torch.ops.gptqkit.cpu_linear.default`, or None (reason in `op_error()`; the backend then
+    calls the kernel library through ctypes)."""
+    global _op, _op_error
+    with _lock:
+        if _op is None and _op_error is None:
+            try:
+                _op = _build_op()
+            except Exception as e:  # noqa: BLE001  any failure means "fall back", with the reason
+                _op_error = str(e)
+                log.warning("gptqkit CPU custom op unavailable, calling the kernel through ctypes "
+                            "(slower per call): %s", e)
+        return _op
+
+
+def op_error() -> str | None:
+    get_op()
+    return _op_error
 
 
 def repack(q: torch.Tensor, bits: int) -> torch.Tensor:
@@ -182,6 +261,25 @@ def repack_dp(q: torch.Tensor) -> torch.Tensor:
     t = qp.reshape(K // 8, 2, 2, 2, nblk, 4, 16)            # (r, jb, jn, h, blk, v, l)
     byte = t[:, :, 0] | (t[:, :, 1] << 4)                   # (r, jb, h, blk, v, l)
     return byte.permute(3, 0, 4, 5, 2, 1).reshape(nblk, K // 8, 4, 64).contiguous()
+
+
+def unrepack(w: torch.Tensor, bits: int, K: int, N: int) -> torch.Tensor:
+    """Inverse of `repack`: uint8 [nblk, K, 8·bits] -> int32 codes [K, N]."""
+    nblk = w.shape[0]
+    per = 8 // bits
+    byte = w.permute(1, 0, 2).to(torch.int32).reshape(K, nblk, 4 // per, 1, 16)
+    shifts = (torch.arange(per, dtype=torch.int32) * bits).reshape(1, 1, 1, per, 1)
+    q = (byte >> shifts) & ((1 << bits) - 1)                # (K, blk, h, i, lane)
+    return q.reshape(K, nblk * BLOCK)[:, :N].contiguous()
+
+
+def unrepack_dp(w: torch.Tensor, K: int, N: int) -> torch.Tensor:
+    """Inverse of `repack_dp`: uint8 [nblk, K/8, 4, 64] -> int32 codes [K, N]."""
+    nblk = w.shape[0]
+    byte = w.reshape(nblk, K // 8, 4, 16, 2, 2).to(torch.int32)   # (blk, r, v, l, h, jb)
+    t = torch.stack([byte & 15, byte >> 4], dim=-1)               # (blk, r, v, l, h, jb, jn)
+    q = t.permute(1, 5, 6, 4, 0, 2, 3)                            # (r, jb, jn, h, blk, v, l)
+    return q.reshape(K, nblk * BLOCK)[:, :N].contiguous()
 
 
 def isa() -> str:
@@ -225,13 +323,64 @@ def _default_gemm_min_m() -> int:
     return 32 if isa() == "avx512" else 2
 
 
+@dataclass(eq=False)
+class CpuLayout:
+    """What the cpu backend computes from, built once by `prepare` (csrc/cpu_kernels.cpp explains
+    the layouts). The kernel tensors are private to the layout: never resized, never shared."""
+    w: torch.Tensor             # uint8 codes: [nblk, K, 8·bits] (`repack`) or [nblk, K/8, 4, 64] (`repack_dp`)
+    s: torch.Tensor             # float32 [nblk, G', 64] scales (×16 for dp)
+    sz: torch.Tensor            # float32 [nblk, G', 64] scales · zeros (s·(16 + z) for dp)
+    seg: torch.Tensor           # int32 [G' + 1] row runs (dp: groups cut into runs of <= 128 rows)
+    gk: torch.Tensor            # int32 [K] run of each row (the dequantizer's index)
+    perm: torch.Tensor | None   # act-order row permutation (rows of w are in this order), or None
+    bias: torch.Tensor | None   # float32 [N]
+    K: int
+    N: int
+    bits: int                   # bits per code in w: 2, 4 or 8 (3-bit codes are held as 4-bit)
+    dp: bool                    # the AVX-512 BF16 dot-product layout and kernel
+    gemm_min_m: int             # rows from which the tile-dequantize + BLAS path runs
+    tile_bytes: int             # fp32 bytes of one dequantized tile on that path
+    use_op: bool                # call the torch custom op (else the ctypes library)
+    # derived in __post_init__: the op's arguments after x, in one tuple (the forward is one call)
+    op_args: tuple | None = field(init=False, repr=False, default=None)
+    # the ctypes decode fast path: the constant arguments as one C struct, and the M = 1 thread cap
+    cargs: _LayerArgs | None = field(init=False, repr=False, default=None)
+    cargs_ptr: int = field(init=False, repr=False, default=0)
+    nt1: int = field(init=False, default=1)
+    nblk: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        self.nblk = self.w.shape[0]
+        self.nt1 = max(1, min((self.K * self.N) >> 19, self.nblk))
+        if self.use_op:
+            self.op_args = (self.w, self.s, self.sz, self.seg, self.gk, self.perm, self.bias, self.N,
+                            self.bits, int(self.dp), self.gemm_min_m, self.tile_bytes)
+        else:
+            # raw pointers into the tensors above, which live as long as this layout
+            self.cargs = _LayerArgs(self.w.data_ptr(), self.s.data_ptr(), self.sz.data_ptr(),
+                                    self.seg.data_ptr(), self.bits, self.K, self.seg.numel() - 1,
+                                    self.nblk, self.N)
+            self.cargs_ptr = ctypes.addressof(self.cargs)
+
+    def __deepcopy__(self, memo):
+        # a copied C struct would still point into this layout's tensors: rebuild it for the copy
+        import copy
+        return CpuLayout(**{f.name: copy.deepcopy(getattr(self, f.name), memo) for f in fields(self) if f.init})
+
+    def codes(self) -> torch.Tensor:
+        """int32 [K, N]: the integer weights in checkpoint row order (QuantLinear rebuilds
+        `qweight` from them, so it need not keep its own copy)."""
+        q = unrepack_dp(self.w, self.K, self.N) if self.dp else unrepack(self.w, self.bits, self.K, self.N)
+        return unsort_rows(q, self.perm)
+
+
 class CpuBackend:
     name = "cpu"
     bits_supported = (2, 3, 4, 8)
     # Rows at or above which the BLAS path (tile dequantize + torch.mm) is used, chosen per build
     # from side-by-side timings (BENCHMARKS.md, "CPU: fused kernel vs dequantize + BLAS"): the
     # AVX2 build of the fused kernel loses to dequantize + BLAS from M = 2 on, the AVX-512 build
-    # from about M = 32. GPTQKIT_CPU_GEMM_MIN_M overrides it (0: never use BLAS).
+    # from about M = 32. GPTQKIT_CPU_GEMM_MIN_M overrides it (0: never use BLAS). Read at prepare.
     gemm_min_m: int | None = None
     tile_bytes = 4 << 20  # fp32 bytes of one dequantized tile on the BLAS path
     # The AVX-512 BF16 dot-product kernel for 4-bit layers: "auto" uses it for bf16/fp16 models
@@ -239,6 +388,8 @@ class CpuBackend:
     # FMA kernel for fp32 models, where the dot-product kernel must split x into 3 bf16 parts and
     # is no faster at M = 1 and slower at M = 4. "1" always, "0" never (GPTQKIT_CPU_DP).
     use_dp = os.environ.get("GPTQKIT_CPU_DP", "auto")
+    # the torch custom op when it builds (True), else the ctypes library; False forces ctypes
+    use_op = True
 
     def supports(self, layer: QuantLinear, device: torch.device) -> str | None:
         if torch.device(device).type != "cpu":
@@ -249,19 +400,11 @@ class CpuBackend:
             return f"kernel unavailable: {_lib_error}"
         return None
 
-    def prepare(self, layer: QuantLinear) -> None:
+    def prepare(self, layer: QuantLinear) -> CpuLayout:
         q, z = unpack_layer(layer)
         K, N = layer.in_features, layer.out_features
-        g_idx = layer.g_idx.long().cpu()
         G = layer.scales.shape[0]
-        monotonic = bool((g_idx[1:] >= g_idx[:-1]).all()) if K > 1 else True
-        if monotonic:
-            perm = None
-            gs = g_idx
-        else:  # act-order: permute K once so that groups are contiguous runs
-            perm = torch.argsort(g_idx, stable=True)
-            q = q[perm]
-            gs = g_idx[perm]
+        q, gs, perm = sort_rows(q, layer.g_idx.cpu())  # act-order: groups become contiguous runs
         nblk = -(-N // BLOCK)
         s = layer.scales.float().cpu()
         seg = torch.searchsorted(gs.contiguous(), torch.arange(G + 1)).to(torch.int32).contiguous()
@@ -270,7 +413,6 @@ class CpuBackend:
         # 3-bit codes (0..7) are stored as 4-bit nibbles: bytes do not split into 3-bit fields,
         # and the 4-bit kernels run them at 4-bit speed (the derived copy is 4/3 the packed size)
         kbits = 4 if layer.bits == 3 else layer.bits
-        layer._cpu_bits = kbits
         # the dot-product kernel wants every group run to be whole octets of rows
         dp = want and kbits == 4 and K % 8 == 0 and bool((seg % 8 == 0).all()) and dp_available()
         if dp:
@@ -281,64 +423,61 @@ class CpuBackend:
             gmap = torch.tensor([g for _, g in starts] or [0], dtype=torch.long)
             seg = torch.tensor([r for r, _ in starts] + [K], dtype=torch.int32)
             gs = torch.searchsorted(seg, torch.arange(K, dtype=torch.int32), right=True) - 1
-            layer._cpu_w = repack_dp(q)
-            layer._cpu_s = _block_params(s[gmap] * 16, nblk)
-            layer._cpu_sz = _block_params(s[gmap] * (z.float()[gmap] + 16), nblk)
+            w = repack_dp(q)
+            sc = _block_params(s[gmap] * 16, nblk)
+            szc = _block_params(s[gmap] * (z.float()[gmap] + 16), nblk)
         else:
-            layer._cpu_w = repack(q, kbits)
-            layer._cpu_s = _block_params(s, nblk)
-            layer._cpu_sz = _block_params(s * z.float(), nblk)
-        layer._cpu_dp = dp
-        layer._cpu_seg = seg
-        layer._cpu_gk = gs.to(torch.int32).contiguous()
-        layer._cpu_perm = perm
-        layer._cpu_nblk = nblk
-        layer._cpu_bias = layer.bias.float() if layer.bias is not None else None
-        # decode fast path: the constant kernel arguments in one C struct (it holds raw pointers
-        # into the tensors above, which live as long as the layer and are never resized), and
-        # the thread count for M = 1 (torch's thread count at call time caps it)
-        args = _LayerArgs(layer._cpu_w.data_ptr(), layer._cpu_s.data_ptr(), layer._cpu_sz.data_ptr(),
-                          layer._cpu_seg.data_ptr(), kbits, K, layer._cpu_seg.numel() - 1, nblk, N)
-        layer._cpu_args = args
-        layer._cpu_args_ptr = ctypes.addressof(args)
-        layer._cpu_nt1 = max(1, min((K * N) >> 19, nblk))
-        layer._cpu_fast = perm is None
-        self._lib = get_lib()
-        log.debug("%s: cpu backend prepared (%d blocks, act-order permutation: %s, kernel: %s)",
-                  layer.describe(), nblk, perm is not None, "bf16 dot-product" if dp else "fma")
+            w = repack(q, kbits)
+            sc = _block_params(s, nblk)
+            szc = _block_params(s * z.float(), nblk)
+        del q
+        use_op = self.use_op and get_op() is not None
+        gmin = self.gemm_min_m if self.gemm_min_m is not None else _default_gemm_min_m()
+        layout = CpuLayout(w=w, s=sc, sz=szc, seg=seg, gk=gs.to(torch.int32).contiguous(), perm=perm,
+                           bias=layer.bias.float() if layer.bias is not None else None, K=K, N=N,
+                           bits=kbits, dp=dp, gemm_min_m=gmin, tile_bytes=self.tile_bytes, use_op=use_op)
+        log.debug("%s: cpu backend prepared (%d blocks, act-order permutation: %s, kernel: %s, via %s)",
+                  layer.describe(), nblk, perm is not None, "bf16 dot-product" if dp else "fma",
+                  "torch op" if use_op else "ctypes")
+        return layout
 
-    def forward(self, layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, layer: QuantLinear, L: CpuLayout, x: torch.Tensor) -> torch.Tensor:
+        if L.op_args is not None:  # the whole forward in C++ (csrc/cpu_op.cpp); _op is set when op_args are
+            try:
+                return _op(x, *L.op_args)
+            except RuntimeError as e:  # TORCH_CHECK failures and kernel return codes
+                raise BackendError(f"{layer.describe()}: {e}") from e
+        return self._forward_ctypes(L, x)
+
+    def _forward_ctypes(self, L: CpuLayout, x: torch.Tensor) -> torch.Tensor:
+        """The fallback when the op cannot be built; the op does the same steps in C++."""
+        lib = get_lib()
         # decode fast path (no act-order permutation, contiguous fp32 or, for the dot-product
-        # kernel, bf16 x, M = 1): no reshape/copy/convert, one ctypes call on the layer's struct
-        if layer._cpu_fast and x.is_contiguous() and x.numel() == layer.in_features:
-            nt = layer._cpu_nt1
+        # kernel, bf16 x, M = 1): no reshape/copy/convert, one ctypes call on the layout's struct
+        if L.perm is None and x.is_contiguous() and x.numel() == L.K and 1 < L.gemm_min_m:
+            nt = L.nt1
             if nt > 1:
                 nt = min(nt, torch.get_num_threads())
             xd = x.dtype
-            if layer._cpu_dp and (xd is torch.float32 or xd is torch.bfloat16):
-                y = torch.empty(x.shape[:-1] + (layer.out_features,), dtype=torch.float32)
+            if L.dp and (xd is torch.float32 or xd is torch.bfloat16):
+                y = torch.empty(x.shape[:-1] + (L.N,), dtype=torch.float32)
                 bf = xd is torch.bfloat16
-                self._lib.gk_gemv_dp_layer(layer._cpu_args_ptr, x.data_ptr(), int(bf), 1 if bf else 3, 1,
-                                           y.data_ptr(), nt)
-                if layer._cpu_bias is not None:
-                    y += layer._cpu_bias
+                _check(lib.gk_gemv_dp_layer(L.cargs_ptr, x.data_ptr(), int(bf), 1 if bf else 3, 1,
+                                            y.data_ptr(), nt))
+                if L.bias is not None:
+                    y += L.bias
                 return y.to(xd) if bf else y
-            if xd is torch.float32 and not layer._cpu_dp:
-                y = torch.empty(x.shape[:-1] + (layer.out_features,), dtype=torch.float32)
-                self._lib.gk_gemv_layer(layer._cpu_args_ptr, x.data_ptr(), 1, y.data_ptr(), nt)
-                if layer._cpu_bias is not None:
-                    y += layer._cpu_bias
+            if xd is torch.float32 and not L.dp:
+                y = torch.empty(x.shape[:-1] + (L.N,), dtype=torch.float32)
+                _check(lib.gk_gemv_layer(L.cargs_ptr, x.data_ptr(), 1, y.data_ptr(), nt))
+                if L.bias is not None:
+                    y += L.bias
                 return y
-        lib = get_lib()
-        K, N = layer.in_features, layer.out_features
-        shape = x.shape
-        out_dtype = x.dtype if x.dtype.is_floating_point else torch.float32
-        x2 = x.reshape(-1, K)
-        if layer._cpu_perm is not None:
-            x2 = x2.index_select(1, layer._cpu_perm)
+        K, N = L.K, L.N
+        x2 = prologue(x, K, L.perm)
         # the dot-product kernel reads bf16 x as is (exact); anything else goes in as fp32, split
         # into 2 bf16 parts (exact for fp16 values) or 3 (exact for any fp32)
-        if layer._cpu_dp and x2.dtype is torch.bfloat16:
+        if L.dp and x2.dtype is torch.bfloat16:
             xdtype, nsplit = 1, 1
         else:
             xdtype, nsplit = 0, (2 if x2.dtype is torch.float16 else 3)
@@ -347,43 +486,40 @@ class CpuBackend:
         M = x2.shape[0]
         # torch's thread count, but no more than one thread per ~0.5 M multiply-adds: on tiny
         # layers waking a second thread costs more than it saves
-        nt = max(1, min(torch.get_num_threads(), (M * K * N) >> 19, layer._cpu_nblk))
-        gmin = self.gemm_min_m if self.gemm_min_m is not None else _default_gemm_min_m()
-        if M < gmin:
+        nt = max(1, min(torch.get_num_threads(), (M * K * N) >> 19, L.nblk))
+        G = L.seg.numel() - 1
+        if M < L.gemm_min_m:
             y = torch.empty(M, N, dtype=torch.float32)
             if M:
-                if layer._cpu_dp:
-                    rc = lib.gk_gemv_dp(layer._cpu_w.data_ptr(), layer._cpu_s.data_ptr(), layer._cpu_sz.data_ptr(),
-                                        layer._cpu_seg.data_ptr(), K, layer._cpu_seg.numel() - 1,
-                                        layer._cpu_nblk, x2.data_ptr(), xdtype, nsplit, M, y.data_ptr(), N, nt)
+                if L.dp:
+                    rc = lib.gk_gemv_dp(L.w.data_ptr(), L.s.data_ptr(), L.sz.data_ptr(), L.seg.data_ptr(),
+                                        K, G, L.nblk, x2.data_ptr(), xdtype, nsplit, M, y.data_ptr(), N, nt)
                 else:
-                    rc = lib.gk_gemv(layer._cpu_w.data_ptr(), layer._cpu_s.data_ptr(), layer._cpu_sz.data_ptr(),
-                                     layer._cpu_seg.data_ptr(), layer._cpu_bits, K, layer._cpu_seg.numel() - 1,
-                                     layer._cpu_nblk, x2.data_ptr(), M, y.data_ptr(), N, nt)
+                    rc = lib.gk_gemv(L.w.data_ptr(), L.s.data_ptr(), L.sz.data_ptr(), L.seg.data_ptr(),
+                                     L.bits, K, G, L.nblk, x2.data_ptr(), M, y.data_ptr(), N, nt)
                 _check(rc)
         else:
-            y = self._gemm(layer, lib, x2.float(), nt)
-        if layer._cpu_bias is not None:
-            y += layer._cpu_bias
-        return y.to(out_dtype).reshape(*shape[:-1], N)
+            y = self._gemm(L, lib, x2.float(), nt)
+        return epilogue(y, L.bias, x)
 
-    def _gemm(self, layer: QuantLinear, lib, x2: torch.Tensor, nt: int) -> torch.Tensor:
-        K, N = layer.in_features, layer.out_features
+    @staticmethod
+    def _gemm(L: CpuLayout, lib, x2: torch.Tensor, nt: int) -> torch.Tensor:
+        K, N = L.K, L.N
         M = x2.shape[0]
-        G = layer._cpu_seg.numel() - 1
-        nblk = layer._cpu_nblk
-        nb = max(1, min(nblk, self.tile_bytes // (K * BLOCK * 4)))
+        G = L.seg.numel() - 1
+        nblk = L.nblk
+        nb = max(1, min(nblk, L.tile_bytes // (K * BLOCK * 4)))
         y = torch.empty(M, N, dtype=torch.float32)
         tile = torch.empty(K, nb * BLOCK, dtype=torch.float32)
         for b0 in range(0, nblk, nb):
             cnt = min(nb, nblk - b0)
             t = tile if cnt == nb else torch.empty(K, cnt * BLOCK, dtype=torch.float32)
-            if layer._cpu_dp:
-                rc = lib.gk_dequant_dp(layer._cpu_w.data_ptr(), layer._cpu_s.data_ptr(), layer._cpu_sz.data_ptr(),
-                                       layer._cpu_gk.data_ptr(), K, G, b0, cnt, t.data_ptr(), nt)
+            if L.dp:
+                rc = lib.gk_dequant_dp(L.w.data_ptr(), L.s.data_ptr(), L.sz.data_ptr(), L.gk.data_ptr(),
+                                       K, G, b0, cnt, t.data_ptr(), nt)
             else:
-                rc = lib.gk_dequant(layer._cpu_w.data_ptr(), layer._cpu_s.data_ptr(), layer._cpu_sz.data_ptr(),
-                                    layer._cpu_gk.data_ptr(), layer._cpu_bits, K, G, b0, cnt, t.data_ptr(), nt)
+                rc = lib.gk_dequant(L.w.data_ptr(), L.s.data_ptr(), L.sz.data_ptr(), L.gk.data_ptr(),
+                                    L.bits, K, G, b0, cnt, t.data_ptr(), nt)
             _check(rc)
             n0, n1 = b0 * BLOCK, min(N, (b0 + cnt) * BLOCK)
             if n1 - n0 == t.shape[1] and nblk == cnt:

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .qlinear import QuantLinear, register_backend
+from .qlinear import QuantLinear, prologue, register_backend, sort_rows
 from .torch_ref import unpack_layer
 
 log = logging.getLogger(__name__)
@@ -245,11 +245,7 @@ def make_layout(layer: QuantLinear) -> TritonLayout:
     q, z = unpack_layer(layer)
     g_idx = layer.g_idx.long()
     K, N = layer.in_features, layer.out_features
-    monotonic = bool((g_idx[1:] >= g_idx[:-1]).all()) if K > 1 else True
-    perm = None
-    if not monotonic:  # act-order: sort the K rows by group once, here, not per call
-        perm = torch.argsort(g_idx, stable=True)
-        q, g_idx = q[perm], g_idx[perm]
+    q, g_idx, perm = sort_rows(q, g_idx)  # act-order: rows sorted by group once, here, not per call
     G = layer.scales.shape[0]
     gs = layer.group_size
     if G == 1:
@@ -317,9 +313,7 @@ def matmul(layout: TritonLayout, x: torch.Tensor, path: str | None = None) -> to
     K, N = layout.in_features, layout.out_features
     shape = x.shape
     out_dtype = x.dtype if x.dtype.is_floating_point else torch.float32
-    x2 = x.reshape(-1, K)
-    if layout.perm is not None:
-        x2 = x2.index_select(1, layout.perm)
+    x2 = prologue(x, K, layout.perm)
     if x2.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         x2 = x2.float()
     M = x2.shape[0]
@@ -380,12 +374,11 @@ class TritonBackend:
         return None
 
     def prepare(self, layer: QuantLinear) -> TritonLayout:
-        """Build the layout once and keep it on the layer as `layer.layout` (also returned)."""
-        layer.layout = make_layout(layer)
-        return layer.layout
+        """Build the layout once (the layer keeps it as `layer.layout` and passes it back)."""
+        return make_layout(layer)
 
-    def forward(self, layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-        return matmul(layer.layout, x)
+    def forward(self, layer: QuantLinear, layout: TritonLayout, x: torch.Tensor) -> torch.Tensor:
+        return matmul(layout, x)
 
 
 register_backend("triton", TritonBackend)

@@ -60,6 +60,25 @@ def check_gptq_tensors(name: str, K: int, N: int, bits: int, config_bits: int, t
     return G
 
 
+def _read_off_map(folder: Path, names: set[str]) -> dict[str, torch.Tensor]:
+    """The named tensors read with plain file reads (no memory map)."""
+    from ..formats.checkpoint import _ST_DTYPES, read_header, shard_files
+    dtypes = {v: k for k, v in _ST_DTYPES.items()}
+    out: dict[str, torch.Tensor] = {}
+    for f in shard_files(folder):
+        head, data = read_header(f)
+        with open(f, "rb") as fh:
+            for k in sorted(names & head.keys()):
+                e = head[k]
+                a, b = e["data_offsets"]
+                t = torch.empty(e["shape"], dtype=dtypes[e["dtype"]])
+                fh.seek(data + a)
+                if b > a and fh.readinto(t.view(-1).view(torch.uint8).numpy()) != b - a:
+                    raise CheckpointError(f"{f} is truncated at {k}; download or copy it again")
+                out[k] = t
+    return out
+
+
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, child, new)
@@ -128,9 +147,16 @@ def load_quantized(path: str | Path, *, backend: str | None = None, device: str 
     # When some tensors change dtype, the others are copied off the safetensors memory map too: one
     # tensor left on the map keeps the file mapped, and with it the pages of the tensors read only
     # to be converted (SmolLM2's fp32 embedding loaded as bf16: 113 MB more RSS, measured).
-    # Without conversions, taking the tensors as they are measured less RSS than copying them.
+    # Without conversions, taking the tensors as they are measured less RSS than copying them,
+    # except the codes: the CPU backend's layout replaces `qweight` after prepare (codes held
+    # once), but pages read through the map stay resident as long as the file is mapped (and the
+    # kernel maps neighbouring pages on each fault), so the GPTQ tensors are read with plain file
+    # reads instead and only the other weights stay on the map.
     if convert:
         state = {k: (t.to(dtype) if k in convert else t.clone()) for k, t in state.items()}
+    else:
+        gptq = {k for k in state if k.endswith(qparts) or (k.rsplit(".", 1)[0] in qset and k.endswith(".bias"))}
+        state.update(_read_off_map(path, gptq))
     tensors.clear()
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if hasattr(model, "tie_weights"):
@@ -181,6 +207,7 @@ def save_quantized(model: nn.Module, out: str | Path, tokenizer=None, max_shard_
     from ..formats.checkpoint import write_error
     try:
         model.save_pretrained(out, safe_serialization=True, max_shard_size=max_shard_size)
+        _relayout_shards(out)
         qcfg.save(out)
     except OSError as e:
         raise write_error(out, e) from e
@@ -195,3 +222,17 @@ def save_quantized(model: nn.Module, out: str | Path, tokenizer=None, max_shard_
             if (Path(src) / name).is_file() and (tokenizer is None or not name.startswith(("tokenizer", "special"))):
                 shutil.copy(Path(src) / name, out / name)
     return out
+
+
+def _relayout_shards(out: Path) -> None:
+    """Rewrite the shards transformers wrote in gptqkit's own safetensors layout (tensors by
+    decreasing element size, then name; formats/checkpoint.py), which orders the data differently
+    from transformers' writer (by dtype). The tensors are the same either way; with one layout a
+    gptqkit checkpoint loaded and saved again is byte-identical to the original (tested)."""
+    from safetensors import safe_open
+    from ..formats.checkpoint import write_safetensors
+    for f in sorted(out.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as sf:
+            meta = sf.metadata()
+            tensors = {k: sf.get_tensor(k).clone() for k in sf.keys()}  # off the map before rewriting
+        write_safetensors(f, tensors, meta)
