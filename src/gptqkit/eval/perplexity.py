@@ -54,7 +54,7 @@ def _logits_of(out: Any) -> torch.Tensor:
 def perplexity(
     model: Any,
     tokenizer: Any,
-    source: Union[TextSource, torch.Tensor] = "shakespeare-eval",
+    source: Union[TextSource, torch.Tensor],
     seqlen: int = 512,
     max_windows: Optional[int] = None,
     batch_size: int = 4,
@@ -69,7 +69,8 @@ def perplexity(
     logits in float32, ``batch_size`` windows at a time.
 
     Dataset names ``"wikitext2"`` and ``"c4"`` mean their evaluation splits here
-    (``"wikitext2-test"``, ``"c4-validation"``); the default is the held-out built-in corpus.
+    (``"wikitext2-test"``, ``"c4-validation"``); ``"shakespeare-eval"`` is the held-out part of the
+    built-in corpus (needs the ``shakespeare`` package). There is no default text.
 
     Returns ``{"perplexity", "nll", "tokens", "windows", "seqlen"}`` where ``nll`` is the mean
     negative log-likelihood (nats) over the ``tokens`` predicted tokens.
