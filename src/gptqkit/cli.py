@@ -329,8 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--batch-size", type=int, default=None,
                    help="calibration sequences per forward chunk (default all: least work, most memory)")
     q.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    q.add_argument("--out", default=None)
-    q.add_argument("--overwrite", action="store_true")
+    q.add_argument("--out", default=None, help="output folder (default: <model>-gptq-<bits>bit-g<group>[-act] here)")
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace a previous checkpoint at --out (a folder of other files is refused)")
     q.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from <out>.partial (same command and inputs)")
     q.add_argument("--max-memory", default=None,
