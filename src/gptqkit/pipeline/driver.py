@@ -7,6 +7,7 @@ block's inputs (activations.py), write its tensors and commit (writer.py, rundir
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..config import QuantizeConfig
 from ..errors import InterruptedRunError
-from ..heap import release_heap
+from ..heap import release_heap, return_large_buffers
 from ..models.arch import ArchSpec, get_module, prepare_block, spec_for
 from ..models.source import ModelHandle
 from . import collective
@@ -30,6 +31,8 @@ from .plan import RunPlan, make_plan
 from .quant_log import LayerLog, QuantizeReport
 from .rundir import RunDir, fault_hook
 from .writer import Tensors, write_originals, write_side_files
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -66,12 +69,14 @@ def quantize_model(handle: ModelHandle, input_ids: torch.Tensor, config: Quantiz
     (batch_size, or as many sequences as a quarter of the budget holds).
     """
     t_start = time.perf_counter()
+    return_large_buffers()
     spec = spec_for(handle.model)
     blocks = get_module(handle.model, spec.blocks)
     plan = make_plan(handle, spec, blocks, input_ids, attention_mask, config, batch_size=batch_size,
                      max_memory=max_memory, max_shard_bytes=max_shard_bytes)
     run_dir = collective.open_run(out, plan.fingerprint, overwrite=overwrite, resume=resume,
                                   max_shard_bytes=max_shard_bytes)
+    plan = _resumed_chunk(plan, run_dir)
     r = _Run(handle, spec, blocks, config, plan, run_dir, QuantizeReport(out=str(out), calib_tokens=plan.calib_tokens),
              t_start)
     i = start = run_dir.next_block
@@ -90,6 +95,16 @@ def quantize_model(handle: ModelHandle, input_ids: torch.Tensor, config: Quantiz
             f"interrupted in block {i}; the {run_dir.next_block} finished block(s) are kept in {run_dir.directory}. "
             "Run the same command with --resume (resume=True) to continue") from e
     return r.report
+
+
+def _resumed_chunk(plan: RunPlan, run_dir: RunDir) -> RunPlan:
+    """An automatic chunk size depends on the free memory, so it is not in the fingerprint: a
+    resumed run reuses the one the interrupted run recorded (same chunks, same bytes)."""
+    saved = run_dir.saved("chunk")
+    if plan.auto_chunk and saved and saved != plan.chunk:
+        log.info("resuming with the interrupted run's %d sequences per chunk", saved)
+        return plan.with_chunk(int(saved))
+    return plan
 
 
 def _begin(r: _Run, start: int) -> None:
@@ -135,7 +150,8 @@ def _quantize_block(r: _Run, i: int) -> list[float]:
     r.acts.save()
     fault_hook("written", i)
     collective.on_rank0(lambda: r.dir.commit(i + 1, layers=[asdict(x) for x in r.report.layers],
-                                             forwards=r.report.forwards, seconds=r.seconds()))
+                                             forwards=r.report.forwards, seconds=r.seconds(),
+                                             chunk=r.plan.chunk))
     fault_hook("committed", i)
     del tensors
     r.handle.release(prefix)
