@@ -158,3 +158,62 @@ def test_relay_undecided():
     relay = Relay(2, lambda key: None)
     with pytest.raises(Undecided):
         relay.run(lambda c: relay.stop(c, "a") if c == 0 else None)  # chunk 1 never stops
+
+
+# ---------------------------------------------------------------------- the default chunk size
+def _smollm2_shapes():
+    from transformers import LlamaConfig
+    return LlamaConfig(hidden_size=576, intermediate_size=1536, num_attention_heads=9)
+
+
+def test_auto_chunk_from_shapes_and_free_memory(caplog):
+    from gptqkit.pipeline.plan import auto_chunk
+    cfg = _smollm2_shapes()
+    with caplog.at_level(logging.INFO, logger="gptqkit"):
+        plenty = auto_chunk(cfg, 64, 512, torch.float32, 64 << 30)
+    assert "sequences per chunk" in caplog.text and "free memory" in caplog.text
+    assert 1 < plenty < 64 and 64 % plenty == 0                # several equal chunks
+    tight = auto_chunk(cfg, 64, 512, torch.float32, 512 << 20)  # 64 MB for one chunk's transients
+    assert 1 <= tight < plenty
+    assert auto_chunk(cfg, 64, 2048, torch.float32, 64 << 30) < plenty  # L² attention scores
+    assert auto_chunk(cfg, 4, 16, torch.float32, 64 << 30) == 4         # a small job: one chunk
+
+
+def _run_auto(src, out, ids, free, **kw):
+    """A default (no batch_size) run that sees `free` bytes of free memory; the small-job floor
+    of the budget is lowered to 3 sequences' transients of the tiny llama, so it is cut into chunks."""
+    import psutil
+    from gptqkit import QuantizeConfig
+    from gptqkit.models.source import ModelHandle
+    from gptqkit.pipeline import plan, quantize_model
+    mp = pytest.MonkeyPatch()
+    mp.setattr(plan, "_MIN_BUDGET", 3 * 16 * 4 * (3 * 128 + 6 * 64 + 2 * 4 * 16))
+    mp.setattr(psutil, "virtual_memory", lambda: type("VM", (), {"available": free})())
+    try:
+        return quantize_model(ModelHandle(src), ids, QuantizeConfig(bits=4, group_size=32), out, progress=False,
+                              **kw)
+    finally:
+        mp.undo()
+
+
+def test_resume_reuses_the_chunk_size_it_chose(tmp_path, monkeypatch, caplog):
+    """The automatic chunk size depends on free memory; a resumed run that sees less free
+    memory keeps the interrupted run's chunks and writes the same bytes."""
+    from gptqkit.errors import InterruptedRunError
+    src = build_tiny("llama", tmp_path / "src", **CASES["llama"])
+    ids = calib_ids(V, n=6)
+    calls = _block_calls(monkeypatch)
+    _run_auto(src, tmp_path / "small", ids, free=8 * 16 * 4 * (3 * 128 + 6 * 64 + 2 * 4 * 16))
+    assert calls[0] == 6   # little free memory: 1 sequence per chunk
+    _run_auto(src, tmp_path / "whole", ids, free=10 << 30)
+    assert calls[2] == 2   # plenty: 3 sequences per chunk
+    monkeypatch.setenv("GPTQKIT_FAULT", "committed:0:interrupt")
+    with pytest.raises(InterruptedRunError):
+        _run_auto(src, tmp_path / "q", ids, free=10 << 30)
+    monkeypatch.delenv("GPTQKIT_FAULT")
+    with caplog.at_level(logging.INFO, logger="gptqkit"):
+        _run_auto(src, tmp_path / "q", ids, free=8 * 16 * 4 * (3 * 128 + 6 * 64 + 2 * 4 * 16), resume=True)
+    assert "resuming with the interrupted run's 3 sequences per chunk" in caplog.text
+    assert calls[-1] == 2  # block 1 of the resumed run: the interrupted run's 2 chunks
+    assert _files(tmp_path / "q") == _files(tmp_path / "whole")
+    assert _files(tmp_path / "small") != _files(tmp_path / "whole")  # the chunking does change bytes
