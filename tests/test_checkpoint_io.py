@@ -98,8 +98,11 @@ def test_folder_appears_only_at_finalize(tmp_path):
 
 
 def test_existing_out_refused_unless_overwrite(tmp_path):
+    from gptqkit.config import QuantizeConfig
     out = tmp_path / "ck"
-    _run_dir(out, _tensors(2)).finalize(2, {})  # an earlier checkpoint
+    earlier = _run_dir(out, _tensors(2))  # an earlier checkpoint, config included
+    QuantizeConfig().save(earlier.directory)
+    earlier.finalize(2, {})
     before = (out / "model.safetensors").read_bytes()
     with pytest.raises(CheckpointError, match="already exists"):
         RunDir(out, "fingerprint")
