@@ -39,7 +39,8 @@ def quantize(model: str | Path | None, calib: str | Path | Sequence[str] | Seque
     checkpoint to `out`. `calib` is a built-in corpus name, a .txt/.jsonl path, a list of
     strings, or AutoGPTQ-style examples (dicts with input_ids / attention_mask).
     resume=True continues an interrupted run from `<out>.partial` (same inputs required);
-    max_memory ('4GB') keeps calibration activations on disk when they would exceed it."""
+    max_memory ('4GB') keeps calibration activations on disk when they would exceed it.
+    batch_size: sequences per forward chunk; None chooses it from the free memory and the model."""
     from .data import calibration_batches
     if config is not None and config_kwargs:
         raise TypeError(f"pass either config or keyword settings, not both (got {sorted(config_kwargs)})")

@@ -256,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seqlen", type=int, default=512)
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--batch-size", type=int, default=None,
-                   help="calibration sequences per forward chunk (default all: least work, most memory)")
+                   help="calibration sequences per forward chunk (default: chosen from free memory and the "
+                        "model's shapes, logged; every chunk size does one forward per block)")
     q.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     q.add_argument("--out", default=None)
     q.add_argument("--overwrite", action="store_true")

@@ -61,7 +61,8 @@ def quantize_model(handle: ModelHandle, input_ids: torch.Tensor, config: Quantiz
                    resume: bool = False, max_memory: int | str | None = None) -> QuantizeReport:
     """Quantize `handle`'s model on calibration `input_ids` [n, L] and write a checkpoint at `out`.
 
-    batch_size: sequences per forward chunk; None puts all of them in one chunk (least work).
+    batch_size: sequences per forward chunk; None chooses it from the free memory and the model's
+    shapes (plan.auto_chunk, logged). Several chunks still cost one forward per block (block.py).
     resume: continue the unfinished run in `<out>.partial` (see pipeline/rundir.py); the result is
     byte-identical to an uninterrupted run. Ctrl-C raises InterruptedRunError and keeps that folder.
     max_memory ('4GB' or bytes): when the calibration hidden states (inputs and outputs of a block)
