@@ -155,11 +155,15 @@ def test_not_true_sequential_differs_from_sequential(tiny_llama_factory, tmp_pat
     assert not torch.equal(a[later][0], b[later][0])
 
 
-def test_chunked_replay_equals_plain_driver(tiny_llama_factory, tmp_path):
-    """batch_size splits the calibration set: the pipeline replays each block pass by pass and
-    sums each Hessian over chunks. Only the summation order differs from the reference, so in
-    float64 (no rounding tie flips) the codes agree exactly and the scales to fp16 rounding."""
+@pytest.mark.parametrize("relay", [False, True], ids=["replay", "chunked-in-flight"])
+def test_chunked_equals_plain_driver(relay, tiny_llama_factory, tmp_path, monkeypatch):
+    """batch_size splits the calibration set: the pipeline replays each block pass by pass (or
+    runs the chunks as coroutines, one forward per block) and sums each Hessian over chunks.
+    Only the summation order differs from the reference, so in float64 (no rounding tie flips)
+    the codes agree exactly and the scales to fp16 rounding."""
     from gptqkit import QuantizeConfig
+    from gptqkit.pipeline import block
+    monkeypatch.setattr(block, "CHUNKED_IN_FLIGHT", relay)
     from gptqkit.models.source import ModelHandle
     from gptqkit.pipeline import quantize_model
     src = tiny_llama_factory(tmp_path / "m", num_hidden_layers=2)
@@ -167,7 +171,10 @@ def test_chunked_replay_equals_plain_driver(tiny_llama_factory, tmp_path):
     cfg = QuantizeConfig(bits=4, group_size=32)
     report = quantize_model(ModelHandle(src, dtype=torch.float64), ids, cfg, tmp_path / "q", progress=False,
                             batch_size=2)
-    assert report.forwards > 2  # replayed: more than one forward per block
+    if relay:
+        assert report.forwards == 2  # one forward per block
+    else:
+        assert report.forwards > 2  # replayed: more than one forward per block
     ref = reference_quantize(src, ids, cfg, dtype=torch.float64)
     got = _checkpoint_codes(tmp_path / "q")
     assert sorted(got) == sorted(ref)

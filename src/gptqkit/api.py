@@ -76,6 +76,7 @@ def quantize(model: str | Path | None, calib: str | Path | Sequence[str] | Seque
     holdout: tokens at the end of a text `calib` never drawn (kept for evaluation).
     device: 'auto' (CUDA when available, logged), 'cpu', 'cuda' or 'cuda:N'; the blocks, the
     fp32 Hessians and the solver run there while weights stream from disk one block at a time.
+    batch_size: sequences per forward chunk; None chooses it from the free memory and the model.
     SIGTERM is treated like Ctrl-C while this runs: finished blocks are kept for `resume`."""
     from .data import calibration_batches
     if config is not None and config_kwargs:

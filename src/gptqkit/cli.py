@@ -327,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"tokens per calibration sequence (default {DEFAULT_SEQLEN}, or the model's maximum if lower)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--batch-size", type=int, default=None,
-                   help="calibration sequences per forward chunk (default all: least work, most memory)")
+                   help="calibration sequences per forward chunk (default: chosen from free memory and the "
+                        "model's shapes, logged; every chunk size does one forward per block)")
     q.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     q.add_argument("--out", default=None, help="output folder (default: <model>-gptq-<bits>bit-g<group>[-act] here)")
     q.add_argument("--overwrite", action="store_true",

@@ -16,3 +16,25 @@ def release_heap() -> None:
             _malloc_trim = False
     if _malloc_trim:
         _malloc_trim(0)
+
+
+_MMAP_THRESHOLD = 1 << 20
+_mmap_set = False
+
+
+def return_large_buffers() -> None:
+    """Serve every allocation of 1 MiB or more with mmap, so freeing it returns it to the OS at
+    once. glibc raises its mmap threshold (up to 32 MiB) each time a large block is freed; from
+    then on such buffers live in the heap, per thread arena, and the RSS keeps their sum: with
+    the chunked in-flight mode (one thread per chunk) SmolLM2 (3 blocks, 8 chunks) peaked at
+    2052 MiB instead of 1109. Process-wide and permanent (a fixed threshold also ends glibc's
+    adjustment); a no-op off glibc."""
+    global _mmap_set
+    if _mmap_set:
+        return
+    _mmap_set = True
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").mallopt(-3, _MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass

@@ -232,6 +232,23 @@ def test_hessian_streaming_and_mask():
     assert h.n == X.shape[0]
 
 
+@pytest.mark.parametrize("rows", [1, 4, 5, 1000])
+def test_hessian_row_blocks(rows, monkeypatch):
+    """Row blocks of any size (ragged last block, masks cut across block boundaries) give the
+    reference 2·XᵀX/n over the kept rows."""
+    monkeypatch.setattr(Hessian, "ROWS", rows)
+    gen = torch.Generator().manual_seed(1)
+    K = 12
+    x = torch.randn(3, 7, K, generator=gen, dtype=DT)
+    m = torch.rand(3, 7, generator=gen) > 0.4
+    h = Hessian(K, dtype=DT)
+    h.add(x, m)
+    h.add(x[:1])
+    X = torch.cat([x.reshape(-1, K)[m.reshape(-1)], x[0]])
+    assert h.n == X.shape[0]
+    torch.testing.assert_close(h.H, 2 * X.T @ X / X.shape[0], rtol=1e-12, atol=1e-12)
+
+
 def test_hessian_float32_default():
     h = Hessian(8)
     x = torch.randn(10, 8)

@@ -15,12 +15,22 @@ linear that is not; those are solved, and the next pass goes further. Both modes
 same solutions up to floating-point summation order (GPTQ rounding can cascade from one
 flipped tie, so a few layers may differ in many codes).
 
+With several chunks and one process, the default is the chunked in-flight mode (relay.py):
+every chunk's forward runs as a coroutine; a chunk that reaches a linear whose Hessian is not
+complete adds its input and hands over to the next chunk; the last one solves the linear and
+every chunk continues its suspended forward. That is one forward per block, as in flight, with
+one chunk's transients alive at a time, and the same Hessians (same chunks, same order, same
+per-chunk forwards) as the replay, so the same bytes. Blocks with routed experts (a chunk may
+skip a linear or call it twice) and chunks that stop at different linears use the replay.
+
 Under torch.distributed each rank holds its own share of the chunks; the replay is used,
 completeness of each linear is agreed over the ranks, and collective.solve_linears() sums the
 Hessians and spreads the solves over the ranks.
 """
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -29,11 +39,18 @@ import torch
 from torch import nn
 
 from ..errors import NumericalError
+from ..models.arch import has_fused_or_routed
 from ..quant.gptq import Hessian
 from . import collective
 from .activations import Activations
 from .capture import Extras, Stop, first_output
 from .linears import LinearJob, hessian_dtype, solve
+from .relay import Relay, Undecided
+
+log = logging.getLogger(__name__)
+
+# False forces the replay for several chunks (tests compare the two modes byte for byte).
+CHUNKED_IN_FLIGHT = True
 
 
 @dataclass
@@ -67,14 +84,26 @@ class BlockQuantizer:
             self._all_at_once()
         elif self.jobs and len(self.extras) == 1 and not collective.active():
             hook = self._in_flight
-        elif self.jobs:
+        elif self.jobs and self._relay_applies() and self._chunked_in_flight():
+            self.forwards += 1  # the chunks' outputs went to acts.put() already
+            self._solve_unreached()
+            return
+        elif self.jobs:  # also when the chunked in-flight mode gave up (returned False)
             self._replay()
         if self.jobs:
             self.forwards += 1
         self._forward(hook, final=True)
+        self._solve_unreached()
+
+    def _solve_unreached(self) -> None:
         for job in self.jobs:  # never called in the forward (no tokens routed to it)
             if job.result is None:
                 solve(job, self.zero_min)
+
+    def _relay_applies(self) -> bool:
+        # [arch/MoE] routed experts may be skipped or called twice by a chunk: the stop points
+        # of the chunks cannot be known to agree, so those blocks replay; [torchrun] so do ranks
+        return CHUNKED_IN_FLIGHT and not collective.active() and not has_fused_or_routed(self.block)
 
     # ------------------------------------------------------------------ strategies
     def _all_at_once(self) -> None:
@@ -88,6 +117,55 @@ class BlockQuantizer:
         if job.result is None:
             self._accumulate(p, job, x)
             solve(job, self.zero_min)
+
+    def _chunked_in_flight(self) -> bool:
+        """Every chunk's forward as a coroutine (relay.py); False: the chunks stopped at different
+        linears, the unsolved linears are left for the replay."""
+        complete: dict[int, Hessian] = {}   # Hessians every chunk has added its input to
+        passes = [ChunkPass(c, self.masks[c]) for c in range(len(self.extras))]
+        mine = threading.local()            # the ChunkPass of the chunk a worker thread runs
+        nthreads = torch.get_num_threads()
+
+        def on_round(job: LinearJob) -> None:   # the last chunk reached job
+            complete[id(job.hessian)] = job.hessian
+            solve(job, self.zero_min)
+
+        relay = Relay(len(passes), on_round)
+
+        def pre_hook(module, args):
+            job, p, x = self.by_module[id(module)], mine.p, args[0]
+            if job.result is not None:
+                return
+            if not any(x is s for s, _ in p.shared):
+                p.shared.clear()  # inputs are shared only by consecutive linears: free the old one
+            self._accumulate(p, job, x)
+            if id(job.hessian) in complete:  # shares a complete input (k/v after q, up after gate)
+                solve(job, self.zero_min)
+            else:
+                relay.stop(p.chunk, job)
+
+        def work(c: int) -> None:
+            mine.p = passes[c]
+            torch.set_num_threads(nthreads)  # grad mode and intra-op threads are per thread
+            args, kwargs = self.extras[c]
+            with torch.no_grad():
+                out = self.block(self.acts.get(c), *args, **kwargs)
+            self.acts.put(c, first_output(out), self.where)
+            passes[c] = mine.p = None
+
+        handles = [job.module.register_forward_pre_hook(pre_hook) for job in self.jobs]
+        try:
+            relay.run(work)
+        except Undecided as e:
+            log.info("%s: %s; replaying the block instead", self.where, e)
+            for job in self.jobs:
+                if job.result is None:
+                    job.hessian = None
+            return False
+        finally:
+            for h in handles:
+                h.remove()
+        return True
 
     def _replay(self) -> None:
         """Several chunks (or ranks): pass after pass, solve the linears every chunk completed."""

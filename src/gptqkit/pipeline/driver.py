@@ -7,6 +7,7 @@ block's inputs (activations.py), write its tensors and commit (writer.py, rundir
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..config import QuantizeConfig
 from ..errors import InterruptedRunError
-from ..heap import release_heap
+from ..heap import release_heap, return_large_buffers
 from ..models.arch import ArchSpec, get_module, prepare_block, spec_for
 from ..models.source import ModelHandle
 from . import collective
@@ -30,6 +31,8 @@ from .plan import RunPlan, make_plan
 from .quant_log import LayerLog, QuantizeReport
 from .rundir import RunDir, fault_hook
 from .writer import Tensors, write_originals, write_side_files
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -58,7 +61,8 @@ def quantize_model(handle: ModelHandle, input_ids: torch.Tensor, config: Quantiz
                    resume: bool = False, max_memory: int | str | None = None) -> QuantizeReport:
     """Quantize `handle`'s model on calibration `input_ids` [n, L] and write a checkpoint at `out`.
 
-    batch_size: sequences per forward chunk; None puts all of them in one chunk (least work).
+    batch_size: sequences per forward chunk; None chooses it from the free memory and the model's
+    shapes (plan.auto_chunk, logged). Several chunks still cost one forward per block (block.py).
     resume: continue the unfinished run in `<out>.partial` (see pipeline/rundir.py); the result is
     byte-identical to an uninterrupted run. Ctrl-C raises InterruptedRunError and keeps that folder.
     max_memory ('4GB' or bytes): when the calibration hidden states (inputs and outputs of a block)
@@ -66,12 +70,14 @@ def quantize_model(handle: ModelHandle, input_ids: torch.Tensor, config: Quantiz
     (batch_size, or as many sequences as a quarter of the budget holds).
     """
     t_start = time.perf_counter()
+    return_large_buffers()
     spec = spec_for(handle.model)
     blocks = get_module(handle.model, spec.blocks)
     plan = make_plan(handle, spec, blocks, input_ids, attention_mask, config, batch_size=batch_size,
                      max_memory=max_memory, max_shard_bytes=max_shard_bytes)
     run_dir = collective.open_run(out, plan.fingerprint, overwrite=overwrite, resume=resume,
                                   max_shard_bytes=max_shard_bytes)
+    plan = _resumed_chunk(plan, run_dir)
     r = _Run(handle, spec, blocks, config, plan, run_dir, QuantizeReport(out=str(out), calib_tokens=plan.calib_tokens),
              t_start)
     i = start = run_dir.next_block
@@ -92,6 +98,16 @@ def quantize_model(handle: ModelHandle, input_ids: torch.Tensor, config: Quantiz
     finally:
         run_dir.release()  # the lock on <out>.partial, whatever happened
     return r.report
+
+
+def _resumed_chunk(plan: RunPlan, run_dir: RunDir) -> RunPlan:
+    """An automatic chunk size depends on the free memory, so it is not in the fingerprint: a
+    resumed run reuses the one the interrupted run recorded (same chunks, same bytes)."""
+    saved = run_dir.saved("chunk")
+    if plan.auto_chunk and saved and saved != plan.chunk:
+        log.info("resuming with the interrupted run's %d sequences per chunk", saved)
+        return plan.with_chunk(int(saved))
+    return plan
 
 
 def _begin(r: _Run, start: int) -> None:
@@ -137,7 +153,8 @@ def _quantize_block(r: _Run, i: int) -> list[float]:
     r.acts.save()
     fault_hook("written", i)
     collective.on_rank0(lambda: r.dir.commit(i + 1, layers=[asdict(x) for x in r.report.layers],
-                                             forwards=r.report.forwards, seconds=r.seconds()))
+                                             forwards=r.report.forwards, seconds=r.seconds(),
+                                             chunk=r.plan.chunk))
     fault_hook("committed", i)
     del tensors
     r.handle.release(prefix)

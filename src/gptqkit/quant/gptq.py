@@ -32,21 +32,29 @@ class Hessian:
         self.H = torch.zeros(columns, columns, device=device, dtype=dtype)
         self.n = 0
 
+    # Rows per addmm_: the masked/converted copy of x is made one row block at a time, so the
+    # transient is at most ROWS·K elements (a 64×512-token MLP input converted at once is ~200 MB).
+    ROWS = 4096
+
     def add(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """x: [..., K] inputs of the layer; mask: [...] booleans, True for real (non-pad) tokens."""
         x = x.reshape(-1, x.shape[-1])
         if mask is not None:
             # HF attention masks are 0/1 integers: indexing with those would gather rows 0 and
             # 1 instead of selecting, so always convert to booleans first
-            x = x[mask.reshape(-1).to(device=x.device, dtype=torch.bool)]
-        m = x.shape[0]
+            mask = mask.reshape(-1).to(device=x.device, dtype=torch.bool)
+        m = x.shape[0] if mask is None else int(mask.sum())
         if m == 0:
             return
-        x = x.to(device=self.H.device, dtype=self.H.dtype)
         # H_new = (n·H + 2·xᵀx) / (n + m), computed without forming large intermediates
         self.H.mul_(self.n / (self.n + m))
         self.n += m
-        self.H.addmm_(x.T, x, alpha=2.0 / self.n)
+        for s in range(0, x.shape[0], self.ROWS):
+            xb = x[s:s + self.ROWS]
+            if mask is not None:
+                xb = xb[mask[s:s + self.ROWS]]
+            xb = xb.to(device=self.H.device, dtype=self.H.dtype)
+            self.H.addmm_(xb.T, xb, alpha=2.0 / self.n)
 
 
 def _inverse_cholesky(H: torch.Tensor, damp_percent: float, damp_auto_increment: float
