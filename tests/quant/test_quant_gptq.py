@@ -42,12 +42,7 @@ def reference_gptq(W, H, bits, group_size, sym, desc_act, static_groups, damp_pe
             H[j, j] = 1
             W[:, j] = 0
 
-    static = None
-    if static_groups:
-        static = []
-        for grp in range(G):
-            static.append(find_params(W[:, grp * g:(grp + 1) * g], bits, sym, mse, zero_min))
-
+    W_orig = W
     order = list(range(K))
     if desc_act:
         order = torch.argsort(torch.diag(H), descending=True).tolist()
@@ -59,6 +54,19 @@ def reference_gptq(W, H, bits, group_size, sym, desc_act, static_groups, damp_pe
     Hinv = (Hinv + Hinv.T) / 2
     U = torch.linalg.cholesky(Hinv, upper=True)
 
+    # mse=True: the clip search weighs column j (solve order) by 1/U_jj², the cost of its rounding
+    # error once later columns compensate; "norm": the unweighted |w - ŵ|^2.4 search
+    weight = None if not mse or mse == "norm" else 1 / torch.diag(U) ** 2
+    wcol = lambda cols: None if weight is None else weight[cols]  # noqa: E731
+
+    static = None
+    if static_groups:
+        static = []
+        for grp in range(G):
+            cols = list(range(grp * g, min((grp + 1) * g, K)))
+            static.append(find_params(W_orig[:, cols], bits, sym, bool(mse), zero_min,
+                                      weight=wcol([order.index(c) for c in cols])))
+
     Q = torch.zeros(N, K, dtype=DT)
     scales = torch.zeros(G, N, dtype=DT)
     zeros = torch.zeros(G, N, dtype=DT)
@@ -68,7 +76,8 @@ def reference_gptq(W, H, bits, group_size, sym, desc_act, static_groups, damp_pe
         if static is not None:
             scale, zero = static[order[j] // g]
         elif j % g == 0:
-            scale, zero = find_params(W[:, j:min(j + g, K)], bits, sym, mse, zero_min)
+            scale, zero = find_params(W[:, j:min(j + g, K)], bits, sym, bool(mse), zero_min,
+                                      weight=wcol(list(range(j, min(j + g, K)))))
             scales[j // g], zeros[j // g] = scale, zero
         w = W[:, j].clone()
         q = grid_quantize(w, scale, zero, maxq)
@@ -166,12 +175,13 @@ def test_matches_unblocked_reference(bits, gs, sym, desc_act, static):
     (8, 32, True, True, True, 0),
     (3, 48, False, True, False, 1),
 ])
-def test_mse_and_zero_min_match_reference(bits, gs, sym, desc_act, static, zero_min):
+@pytest.mark.parametrize("mse", [True, "norm"])
+def test_mse_and_zero_min_match_reference(bits, gs, sym, desc_act, static, zero_min, mse):
     W, H, _ = problem(12, 80, seed=10 + bits)
-    what = f"mse bits={bits} gs={gs} sym={sym} desc_act={desc_act} static={static} zmin={zero_min}"
+    what = f"mse={mse} bits={bits} gs={gs} sym={sym} desc_act={desc_act} static={static} zmin={zero_min}"
     res = gptq_solve(W, H, bits, gs, sym=sym, desc_act=desc_act, static_groups=static,
-                     mse=True, blocksize=20, zero_min=zero_min)
-    ref = reference_gptq(W, H, bits, gs, sym, desc_act, static, mse=True, zero_min=zero_min)
+                     mse=mse, blocksize=20, zero_min=zero_min)
+    ref = reference_gptq(W, H, bits, gs, sym, desc_act, static, mse=mse, zero_min=zero_min)
     assert_matches_reference(res, ref, what)
     if zero_min and not sym:
         assert int(res.zeros.min()) >= zero_min

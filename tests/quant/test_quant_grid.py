@@ -112,11 +112,14 @@ def test_mse_never_increases_per_row_error(bits, sym):
         assert (z1 == 2 ** (bits - 1)).all()
 
 
-def test_mse_result_is_best_of_the_shrink_grid():
-    # independent brute force over the same shrink factors, norm 2.4
+@pytest.mark.parametrize("weighted", [False, True])
+def test_mse_result_is_best_of_the_shrink_grid(weighted):
+    # independent brute force over the same shrink factors: norm 2.4, or with per-column weights
+    # the weighted squared error (weights spread over three orders of magnitude)
     w = rows(40, n=6, k=32)
     bits, maxq = 3, 7
-    s, z = find_params(w, bits, sym=False, mse=True)
+    cw = torch.logspace(-1.5, 1.5, 32, dtype=DT)[torch.randperm(32, generator=torch.Generator().manual_seed(3))]
+    s, z = find_params(w, bits, sym=False, mse=True, weight=cw if weighted else None)
     xmin = torch.minimum(w.min(1).values, torch.zeros(6, dtype=DT))
     xmax = torch.maximum(w.max(1).values, torch.zeros(6, dtype=DT))
     for r in range(6):
@@ -127,7 +130,8 @@ def test_mse_result_is_best_of_the_shrink_grid():
             sc = float(torch.tensor(max((hi - lo) / maxq, 2.0 ** -14)).half())
             zr = min(max(round(-lo / sc), 0), maxq)
             q = torch.clamp(torch.round(w[r] / sc) + zr, 0, maxq)
-            err = float((sc * (q - zr) - w[r]).abs().pow(2.4).sum())
+            e = sc * (q - zr) - w[r]
+            err = float((e.square() * cw).sum()) if weighted else float(e.abs().pow(2.4).sum())
             if best is None or err < best[0]:
                 best = (err, sc, zr)
         assert float(s[r]) == best[1] and float(z[r]) == best[2]

