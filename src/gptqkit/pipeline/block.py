@@ -92,6 +92,16 @@ class BlockQuantizer:
         if self.floats is not None:
             self.floats.prepare(c)
 
+    def _done(self, c: int) -> None:
+        if self.floats is not None:
+            self.floats.done(c)
+
+    def _discard(self, job: LinearJob) -> None:
+        """Drop an incomplete Hessian: the linear is accumulated again (a later replay pass)."""
+        job.hessian = None
+        if self.floats is not None:
+            self.floats.forget(job)
+
     def run(self) -> None:
         """Solve every linear, then hand each chunk's output to acts.put() (and, with GPTAQ, its
         float output to the float stream)."""
@@ -177,6 +187,7 @@ class BlockQuantizer:
             with torch.no_grad():
                 self._prepare(c)  # before the chunk's first stop: no linear is solved yet
                 out = self.block(self.acts.get(c), *args, **kwargs)
+            self._done(c)
             self.acts.put(c, first_output(out), self.where)
             passes[c] = mine.p = None
 
@@ -187,7 +198,7 @@ class BlockQuantizer:
             log.info("%s: %s; replaying the block instead", self.where, e)
             for job in self.jobs:
                 if job.result is None:
-                    job.hessian = None
+                    self._discard(job)
             return False
         finally:
             for h in handles:
@@ -244,7 +255,7 @@ class BlockQuantizer:
                 lid = id(job.module)
                 if lid in fresh and not complete(lid):
                     fresh.discard(lid)
-                    job.hessian = None
+                    self._discard(job)
         for job in self.jobs:
             if id(job.module) in fresh:
                 solve(job, self.zero_min)
@@ -259,7 +270,7 @@ class BlockQuantizer:
             if ok:
                 ready.append(job)
             else:
-                job.hessian = None
+                self._discard(job)
         collective.solve_linears(ready, self.zero_min)
 
     # ------------------------------------------------------------------ forwards
@@ -284,6 +295,8 @@ class BlockQuantizer:
                 except Stop:
                     ran.append(None)
                     continue
+                if on_input is not None:
+                    self._done(c)
                 if final:
                     self.acts.put(c, first_output(out), self.where)
                 ran.append(True)
