@@ -358,3 +358,37 @@ def test_cli_method_gptaq(tiny_llama_dir, tiny_text_file, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["quantize", "--help"])
     assert "gptaq" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------- torch.distributed
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+def test_two_processes_match_single_process(tiny_llama_factory, tiny_text_file, tmp_path):
+    """torchrun: each rank runs the float stream of its own chunks; the cross terms are summed
+    over ranks like the Hessians (float64, as in test_distributed.py: almost all codes agree)."""
+    import os
+    import subprocess
+    import sys
+    from _arch_helpers import dequantized_weights
+    from test_distributed import _free_port, _quantize_cmd
+    src = tiny_llama_factory(tmp_path / "m", num_hidden_layers=2)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
+    for k in ("GPTQKIT_FAULT", "WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        env.pop(k, None)
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    cmd = ["-m", "gptqkit", *_quantize_cmd(src, tiny_text_file, single, "--batch-size", "3", "--method", "gptaq")]
+    r = subprocess.run([sys.executable, *cmd], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                        str(_free_port()), "-m", "gptqkit", *_quantize_cmd(src, tiny_text_file, multi, "--method",
+                                                                          "gptaq")],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((multi / "quantize_config.json").read_text())["meta"]["method"] == "gptaq"
+    wa, wb = dequantized_weights(single), dequantized_weights(multi)
+    same = total = 0
+    for name in wa:
+        Wa, Wb = wa[name][0], wb[name][0]
+        step = (Wa.abs().max() / 7).item()
+        same += int((Wa - Wb).abs().le(1e-3 * step).sum())
+        total += Wa.numel()
+    assert same / total > 0.995, same / total
