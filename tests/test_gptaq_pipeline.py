@@ -128,15 +128,18 @@ def test_one_chunk_equals_plain_driver(case, tiny_llama_factory, tmp_path, monke
     assert report.forwards == 3 * (2 if REF_CASES[case].get("true_sequential", True) else 3)
 
 
-@pytest.mark.parametrize("relay", [False, True], ids=["replay", "chunked-in-flight"])
-def test_chunked_equals_plain_driver(relay, tiny_llama_factory, tmp_path, monkeypatch):
+@pytest.mark.parametrize("relay,seq", [(False, True), (True, True), (True, False)],
+                         ids=["replay", "chunked-in-flight", "all-at-once"])
+def test_chunked_equals_plain_driver(relay, seq, tiny_llama_factory, tmp_path, monkeypatch):
     """Chunks of 2: only the summation order differs from the reference (float64: same codes)."""
     from gptqkit import QuantizeConfig
     src = tiny_llama_factory(tmp_path / "m", num_hidden_layers=2)
     ids = torch.randint(4, 256, (6, 24), generator=torch.Generator().manual_seed(0))
-    report = _quantize(src, tmp_path / "q", ids, monkeypatch, relay=relay, dtype=torch.float64)
-    assert (report.forwards == 2 * 2) == relay  # relay: one float + one quantized forward per block
-    ref = reference_gptaq(src, ids, QuantizeConfig(bits=4, group_size=32, method="gptaq"), dtype=torch.float64)
+    report = _quantize(src, tmp_path / "q", ids, monkeypatch, relay=relay, dtype=torch.float64, true_sequential=seq)
+    # per block: one float forward, and one quantized forward (relay), two (all at once) or more (replay)
+    assert report.forwards == 2 * (2 if seq else 3) if relay else report.forwards > 2 * 2
+    ref = reference_gptaq(src, ids, QuantizeConfig(bits=4, group_size=32, method="gptaq", true_sequential=seq),
+                          dtype=torch.float64)
     got = _checkpoint_codes(tmp_path / "q")
     assert sorted(got) == sorted(ref)
     for name, r in ref.items():
@@ -355,6 +358,9 @@ def test_cli_method_gptaq(tiny_llama_dir, tiny_text_file, tmp_path, capsys):
     assert main(args + ["--out", str(tmp_path / "bad"), "--gptaq-alpha", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "gptaq_alpha" in err[0]
+    assert main(args[:-1] + ["gptq", "--out", str(tmp_path / "bad"), "--gptaq-alpha", "0.5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "--method gptaq only" in err[0]
     with pytest.raises(SystemExit):
         main(["quantize", "--help"])
     assert "gptaq" in capsys.readouterr().out

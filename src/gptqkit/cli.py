@@ -127,6 +127,8 @@ def cmd_quantize(a) -> int:
         _positive(flag, v)
     from .pipeline.plan import parse_size
     parse_size(a.max_memory)  # a bad size fails here, not after loading
+    if a.gptaq_alpha != GPTAQ_ALPHA and a.method != "gptaq":
+        raise ConfigError(f"--gptaq-alpha applies to --method gptaq only (this run uses --method {a.method})")
     cfg = QuantizeConfig(bits=a.bits, group_size=a.group_size, sym=a.sym, desc_act=a.desc_act,
                          static_groups=a.static_groups, damp_percent=a.damp, true_sequential=not a.no_true_sequential,
                          mse=a.mse, checkpoint_format=a.format, lm_head=a.lm_head, method=a.method,
