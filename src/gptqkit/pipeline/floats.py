@@ -13,11 +13,13 @@ cross term next to the Hessian, and the stash drops it at once, with the entries
 called right after it on the very same input (they share that Hessian: pipeline/block.py), so
 the tensor is freed. A linear fed that input again later (GPT-J's MLP after its attention output)
 keeps its own entry until it takes it; whatever a chunk did not take is dropped when its
-forward ends (`done`). The float forward
-must see the block's original weights: every strategy runs a chunk's float forward before that
-chunk's first quantized hook, hence before any linear of the block is solved; should one run
-later (a replay that must accumulate a linear again), the solved linears get their original
-weights back for the duration.
+forward ends (`done`).
+
+The float forward must see the block's original weights: every strategy runs a chunk's float
+forward before that chunk's first quantized hook, hence before any linear of the block is
+solved; should one run later (a replay that must accumulate a linear again), the solved linears
+get their original weights back for its duration (so the block's original weights stay
+referenced until the block is done: one block's weights more).
 
 Memory: in the chunked in-flight mode every suspended chunk holds its stash (at most the inputs
 of the linears it has not reached yet: ~2·hidden + intermediate values per token after the first
@@ -44,11 +46,11 @@ class FloatInputs:
         self.jobs = jobs
         self.paired = {id(job.module): job for job in jobs if job.cross}
         # the weights every linear had before it was solved (install() swaps in a new tensor)
-        self.original = {id(job.module): job.module.weight.data for job in self.paired.values()}
+        self.original = {id(job.module): job.module.weight.data for job in jobs}
         self.stash: list[dict[int, torch.Tensor] | None] = [None] * len(extras)
         # per chunk: linear -> the linears called right after it on the same input tensor
         self.followers: list[dict[int, list[int]]] = [{} for _ in extras]
-        self.put = [False] * len(extras)
+        self.sent = [False] * len(extras)    # chunk's float output handed to the float stream
         # per chunk: linears whose X̃ the chunk consumed into a Hessian since discarded
         self.lost: list[set[int]] = [set() for _ in extras]
         self.chunk_forwards = 0
@@ -98,9 +100,9 @@ class FloatInputs:
             for h in handles:
                 h.remove()
         self.chunk_forwards += 1
-        if not self.put[c]:
+        if not self.sent[c]:
             self.acts.put(c, first_output(out), self.where)
-            self.put[c] = True
+            self.sent[c] = True
         del out
         for i, job in self.paired.items():  # solved ones need no X̃ any more
             if job.result is not None:
@@ -116,7 +118,7 @@ class FloatInputs:
 
     @contextmanager
     def _original_weights(self):
-        swapped = [job for job in self.paired.values() if job.result is not None]
+        swapped = [job for job in self.jobs if job.result is not None]
         for job in swapped:
             job.module.weight.data, self.original[id(job.module)] = self.original[id(job.module)], job.module.weight.data
         try:
@@ -154,7 +156,7 @@ class FloatInputs:
         """Every chunk's float output handed on (blocks with nothing to solve run the float
         forward only here), the stashes and the original weights released."""
         for c in range(len(self.extras)):
-            if not self.put[c]:
+            if not self.sent[c]:
                 self._capture(c)
         self.stash = [None] * len(self.extras)
         self.followers = [{} for _ in self.extras]
