@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import DEFAULT_NSAMPLES, DEFAULT_SEQLEN
+from .config import DEFAULT_NSAMPLES, DEFAULT_SEQLEN, GPTAQ_ALPHA, METHODS
 from .errors import ConfigError, GPTQKitError, InterruptedRunError, ModelLoadError
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -127,12 +127,15 @@ def cmd_quantize(a) -> int:
         _positive(flag, v)
     from .pipeline.plan import parse_size
     parse_size(a.max_memory)  # a bad size fails here, not after loading
+    if a.gptaq_alpha != GPTAQ_ALPHA and a.method != "gptaq":
+        raise ConfigError(f"--gptaq-alpha applies to --method gptaq only (this run uses --method {a.method})")
     cfg = QuantizeConfig(bits=a.bits, group_size=a.group_size, sym=a.sym, desc_act=a.desc_act,
                          static_groups=a.static_groups, damp_percent=a.damp, true_sequential=not a.no_true_sequential,
-                         mse=a.mse, checkpoint_format=a.format, lm_head=a.lm_head, method=a.method)
+                         mse=a.mse, checkpoint_format=a.format, lm_head=a.lm_head, method=a.method,
+                         gptaq_alpha=a.gptaq_alpha)
     model_path = resolve_model(a.model)
     out = Path(a.out or f"{Path(str(model_path)).name}-gptq-{cfg.bits}bit-g{cfg.group_size}"
-               + ("-act" if cfg.desc_act else "") + ("-rtn" if cfg.method == "rtn" else ""))
+               + ("-act" if cfg.desc_act else "") + (f"-{cfg.method}" if cfg.method != "gptq" else ""))
     out = check_out(out, model_path, overwrite=a.overwrite, resume=a.resume)
     model_path = resolve_model_path(model_path)
     limit = _model_limits(model_path)
@@ -322,7 +325,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-true-sequential", action="store_true")
     q.add_argument("--lm-head", action="store_true", help="quantize lm_head too")
     q.add_argument("--format", default="gptq", choices=["gptq", "gptq_v2"])
-    q.add_argument("--method", default="gptq", choices=["gptq", "rtn"])
+    q.add_argument("--method", default="gptq", choices=list(METHODS),
+                   help="gptq (default); rtn: round-to-nearest on the same grid (no calibration forward); "
+                        "gptaq: GPTAQ / 'GPTQ v2' (asymmetric calibration): each layer is also fitted to the "
+                        "full-precision model's outputs, which corrects the error earlier quantized layers "
+                        "left in its inputs. Costs a second (float) forward per block and a second K×K "
+                        "product per distinct layer input (about 1.5-2x gptq's time), plus the float "
+                        "model's hidden states and, per calibration chunk, the float inputs of the layers "
+                        "not yet solved (memory). Same checkpoint format")
+    q.add_argument("--gptaq-alpha", type=float, default=GPTAQ_ALPHA,
+                   help="with --method gptaq: strength of the asymmetry correction in [0, 1] "
+                        "(default %(default)s, the reference's)")
     q.add_argument("--calib", default=None,
                    help="calibration text: a .txt or .jsonl file, or a name (wikitext2, c4: need datasets and "
                         "network; shakespeare: the built-in corpus). Required with your own model")

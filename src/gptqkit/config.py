@@ -16,7 +16,11 @@ from .errors import CheckpointError, ConfigError
 from .formats.packing import SUPPORTED_BITS
 
 FORMATS = ("gptq", "gptq_v2")
-METHODS = ("gptq", "rtn")
+# gptq: GPTQ on the partially quantized model's inputs; rtn: round-to-nearest; gptaq: GPTQ with
+# asymmetric calibration (GPTAQ, "GPTQ v2"): also matches the full-precision model's outputs
+METHODS = ("gptq", "rtn", "gptaq")
+# GPTAQ's α, the strength of the asymmetry correction: the reference's (and GPTQModel's) default
+GPTAQ_ALPHA = 0.25
 QUANTIZE_CONFIG_FILE = "quantize_config.json"
 
 # Calibration defaults, one source for gptqkit.quantize, calibration_batches and `gptqkit
@@ -48,6 +52,7 @@ class QuantizeConfig:
     checkpoint_format: str = "gptq"
     lm_head: bool = False
     method: str = "gptq"
+    gptaq_alpha: float = GPTAQ_ALPHA   # method="gptaq" only (quant/gptq.py: P = α·triu₁(dXXᵀ·Uᵀ)·U)
     blocksize: int = 128
     # Per-module overrides, GPTQModel's spelling: {"+:regex": {"bits": 8, "group_size": 32},
     # "-:regex": {}} — "+:" (or no prefix) overrides, "-:" leaves the module in full precision.
@@ -74,6 +79,9 @@ class QuantizeConfig:
                 f"checkpoint_format={self.checkpoint_format!r} is unknown; choose one of {FORMATS}")
         if self.method not in METHODS:
             raise ConfigError(f"method={self.method!r} is unknown; choose one of {METHODS}")
+        if not (isinstance(self.gptaq_alpha, (int, float)) and 0.0 <= float(self.gptaq_alpha) <= 1.0):
+            raise ConfigError(f"gptaq_alpha={self.gptaq_alpha!r} must lie in [0, 1] ({GPTAQ_ALPHA} is the "
+                              "reference's; 0 makes GPTAQ plain GPTQ at twice the cost)")
         if self.blocksize <= 0:
             raise ConfigError(f"blocksize={self.blocksize!r} must be positive (128 is usual)")
         if self.static_groups and self.group_size == -1:
@@ -123,7 +131,8 @@ class QuantizeConfig:
             "model_name_or_path": None,
             "model_file_base_name": None,
             "meta": {"quantizer": [f"gptqkit:{_version()}"], "method": self.method,
-                     "blocksize": self.blocksize, **self.meta},
+                     "blocksize": self.blocksize,
+                     **({"gptaq_alpha": self.gptaq_alpha} if self.method == "gptaq" else {}), **self.meta},
         }
         if self.dynamic:
             d["dynamic"] = self.dynamic
@@ -152,6 +161,8 @@ class QuantizeConfig:
             return d.get(key, meta.get(key, default))
 
         mse = get("mse", False)
+        # GPTQModel records a GPTAQ ("v2") run as meta["gptaq"] = {"alpha": ..., "device": ...}
+        gptqmodel_gptaq = meta.get("gptaq") if isinstance(meta.get("gptaq"), dict) else None
         try:
             return cls(
                 bits=int(d["bits"]),
@@ -165,10 +176,11 @@ class QuantizeConfig:
                 mse=bool(mse),
                 checkpoint_format=fmt,
                 lm_head=bool(d.get("lm_head", False)),
-                method=str(meta.get("method", "gptq")),
+                method=str(meta.get("method", "gptaq" if gptqmodel_gptaq else "gptq")),
+                gptaq_alpha=float(meta.get("gptaq_alpha", (gptqmodel_gptaq or {}).get("alpha", GPTAQ_ALPHA))),
                 blocksize=int(meta.get("blocksize", 128)),
                 dynamic=d.get("dynamic") or None,
-                meta={k: v for k, v in meta.items() if k not in ("quantizer", "method", "blocksize")},
+                meta={k: v for k, v in meta.items() if k not in ("quantizer", "method", "blocksize", "gptaq_alpha")},
             )
         except KeyError as e:
             raise CheckpointError(f"quantization config lacks required field {e}") from e

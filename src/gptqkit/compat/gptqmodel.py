@@ -28,13 +28,14 @@ log = logging.getLogger(__name__)
 __all__ = ["GPTQModel", "QuantizeConfig", "BACKEND"]
 
 _GPTQKIT_FIELDS = {"bits", "group_size", "sym", "desc_act", "static_groups", "damp_percent", "damp_auto_increment",
-                   "true_sequential", "mse", "checkpoint_format", "lm_head", "method", "blocksize", "dynamic",
-                   "meta"}
+                   "true_sequential", "mse", "checkpoint_format", "lm_head", "method", "gptaq_alpha", "blocksize",
+                   "dynamic", "meta"}
 
 
 class QuantizeConfig(_QuantizeConfig):
     """gptqkit's QuantizeConfig taking GPTQModel's spellings: `format=` for checkpoint_format, `mse` as
-    a float (0 = off), `quant_method`, and GPTQModel-only keys (device, v2, ...) which are ignored."""
+    a float (0 = off), `quant_method`, `v2=True` / `gptaq=` (GPTAQ: method="gptaq"), and GPTQModel-only
+    keys (device, ...) which are ignored."""
 
     def __init__(self, **kwargs: Any):
         if "format" in kwargs:
@@ -45,6 +46,13 @@ class QuantizeConfig(_QuantizeConfig):
         if qm not in ("gptq", "rtn"):
             raise ValueError(f"quant_method={qm!r}: gptqkit quantizes with GPTQ (or rtn) only")
         kwargs.setdefault("method", qm)
+        # GPTQModel asks for GPTAQ ("GPTQ v2") with v2=True or gptaq=GPTAQConfig(alpha=...) / a dict
+        gptaq = kwargs.pop("gptaq", None)
+        if kwargs.pop("v2", False) or gptaq is not None:
+            kwargs["method"] = "gptaq"
+            alpha = gptaq.get("alpha") if isinstance(gptaq, dict) else getattr(gptaq, "alpha", None)
+            if alpha is not None:
+                kwargs.setdefault("gptaq_alpha", float(alpha))
         if "mse" in kwargs and not isinstance(kwargs["mse"], bool):
             kwargs["mse"] = bool(kwargs["mse"])
         if "act_order" in kwargs:

@@ -2,6 +2,8 @@
 interface whether they are held in memory or (--max-memory) kept in the run folder and read one
 chunk at a time. After each block the inputs of the next block are saved in the run folder
 either way, which is what lets an interrupted run resume exactly where it stopped.
+
+[GPTAQ] A second instance (stream "fp") holds the full-precision model's hidden states alike.
 """
 from __future__ import annotations
 
@@ -19,9 +21,11 @@ def check_finite(h: torch.Tensor, where: str) -> None:
 
 
 class Activations:
-    def __init__(self, run: RunDir, device: torch.device | str, offload: bool, nchunks: int, start: int = 0):
-        """start > 0: resuming; the inputs of block `start` are those the interrupted run saved."""
-        self.run, self.device, self.offload, self.nchunks = run, device, offload, nchunks
+    def __init__(self, run: RunDir, device: torch.device | str, offload: bool, nchunks: int, start: int = 0,
+                 stream: str = "in"):
+        """start > 0: resuming; the inputs of block `start` are those the interrupted run saved.
+        stream: the run folder's file prefix ('in', or 'fp' for the float model's states)."""
+        self.run, self.device, self.offload, self.nchunks, self.stream = run, device, offload, nchunks, stream
         self.block = start              # whose inputs get() returns
         self._held: list[torch.Tensor | None] = [None] * nchunks
         self._next: list[torch.Tensor | None] = [None] * nchunks
@@ -31,17 +35,18 @@ class Activations:
         if self.block:  # resuming: block `start` reads its saved inputs instead
             return
         if self.offload:  # straight to disk, never all in memory
-            self.run.write_hidden(0, c, h)
+            self.run.write_hidden(0, c, h, self.stream)
         else:
             self._held[c] = h
 
     def resume(self) -> None:
         if self.block and not self.offload:
-            self._held = [self.run.load_hidden(self.block, c).to(self.device) for c in range(self.nchunks)]
+            self._held = [self.run.load_hidden(self.block, c, self.stream).to(self.device)
+                          for c in range(self.nchunks)]
 
     def get(self, c: int) -> torch.Tensor:
         if self.offload:
-            return self.run.load_hidden(self.block, c).to(self.device)
+            return self.run.load_hidden(self.block, c, self.stream).to(self.device)
         return self._held[c]
 
     def put(self, c: int, h: torch.Tensor, where: str) -> None:
@@ -49,7 +54,7 @@ class Activations:
         block in errors."""
         if self.offload:
             check_finite(h, where)
-            self.run.write_hidden(self.block + 1, c, h)
+            self.run.write_hidden(self.block + 1, c, h, self.stream)
         else:
             self._next[c] = h
 
@@ -65,5 +70,5 @@ class Activations:
         """Write the current inputs to the run folder (offloaded ones are there already); every
         rank writes its own chunks."""
         if not self.offload:
-            collective.on_every_rank(lambda: [self.run.write_hidden(self.block, c, h)
+            collective.on_every_rank(lambda: [self.run.write_hidden(self.block, c, h, self.stream)
                                               for c, h in enumerate(self._held)])

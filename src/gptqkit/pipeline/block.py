@@ -26,6 +26,10 @@ skip a linear or call it twice) and chunks that stop at different linears use th
 Under torch.distributed each rank holds its own share of the chunks; the replay is used,
 completeness of each linear is agreed over the ranks, and collective.solve_linears() sums the
 Hessians and spreads the solves over the ranks.
+
+[GPTAQ] With `floats` (floats.py), each chunk's float-model forward runs just before the chunk's
+first quantized hook in every strategy, and each accumulation pairs the linear's input with the
+float model's input of the same chunk (the cross term next to the Hessian).
 """
 from __future__ import annotations
 
@@ -44,7 +48,8 @@ from ..quant.gptq import Hessian
 from . import collective
 from .activations import Activations
 from .capture import Extras, Stop, first_output
-from .linears import LinearJob, hessian_dtype, solve
+from .floats import FloatInputs
+from .linears import LinearJob, solve
 from .relay import Relay, Undecided
 
 log = logging.getLogger(__name__)
@@ -69,14 +74,43 @@ OnInput = Callable[[ChunkPass, LinearJob, torch.Tensor], None]
 
 class BlockQuantizer:
     def __init__(self, block: nn.Module, jobs: list[LinearJob], extras: list[Extras], acts: Activations,
-                 masks: list[torch.Tensor | None], zero_min: int, sequential: bool, where: str):
+                 masks: list[torch.Tensor | None], zero_min: int, sequential: bool, where: str,
+                 float_acts: Activations | None = None):
+        """float_acts: [GPTAQ] the float model's hidden states (the block's float input, and
+        where its float output goes)."""
         self.block, self.jobs, self.extras, self.acts, self.masks = block, jobs, extras, acts, masks
         self.zero_min, self.sequential, self.where = zero_min, sequential, where
         self.by_module = {id(job.module): job for job in jobs}
         self.forwards = 0.0   # block forwards over the whole calibration set
+        self.floats = FloatInputs(block, jobs, extras, float_acts, where) if float_acts is not None else None
+
+    def _float_call(self) -> bool:
+        """True while the float forward runs: the quantized side's hooks stay out of it."""
+        return self.floats is not None and self.floats.capturing
+
+    def _prepare(self, c: int) -> None:
+        if self.floats is not None:
+            self.floats.prepare(c)
+
+    def _done(self, c: int) -> None:
+        if self.floats is not None:
+            self.floats.done(c)
+
+    def _discard(self, job: LinearJob) -> None:
+        """Drop an incomplete Hessian: the linear is accumulated again (a later replay pass)."""
+        job.hessian = None
+        if self.floats is not None:
+            self.floats.forget(job)
 
     def run(self) -> None:
-        """Solve every linear, then hand each chunk's output to acts.put()."""
+        """Solve every linear, then hand each chunk's output to acts.put() (and, with GPTAQ, its
+        float output to the float stream)."""
+        self._run()
+        if self.floats is not None:
+            self.floats.finish()
+            self.forwards += self.floats.forwards
+
+    def _run(self) -> None:
         hook = None
         if self.jobs and self.jobs[0].cfg.method == "rtn":
             collective.solve_linears(self.jobs, self.zero_min)  # needs no inputs
@@ -133,6 +167,8 @@ class BlockQuantizer:
         relay = Relay(len(passes), on_round)
 
         def pre_hook(module, args):
+            if self._float_call():
+                return
             job, p, x = self.by_module[id(module)], mine.p, args[0]
             if job.result is not None:
                 return
@@ -149,7 +185,9 @@ class BlockQuantizer:
             torch.set_num_threads(nthreads)  # grad mode and intra-op threads are per thread
             args, kwargs = self.extras[c]
             with torch.no_grad():
+                self._prepare(c)  # before the chunk's first stop: no linear is solved yet
                 out = self.block(self.acts.get(c), *args, **kwargs)
+            self._done(c)
             self.acts.put(c, first_output(out), self.where)
             passes[c] = mine.p = None
 
@@ -160,7 +198,7 @@ class BlockQuantizer:
             log.info("%s: %s; replaying the block instead", self.where, e)
             for job in self.jobs:
                 if job.result is None:
-                    job.hessian = None
+                    self._discard(job)
             return False
         finally:
             for h in handles:
@@ -217,7 +255,7 @@ class BlockQuantizer:
                 lid = id(job.module)
                 if lid in fresh and not complete(lid):
                     fresh.discard(lid)
-                    job.hessian = None
+                    self._discard(job)
         for job in self.jobs:
             if id(job.module) in fresh:
                 solve(job, self.zero_min)
@@ -232,7 +270,7 @@ class BlockQuantizer:
             if ok:
                 ready.append(job)
             else:
-                job.hessian = None
+                self._discard(job)
         collective.solve_linears(ready, self.zero_min)
 
     # ------------------------------------------------------------------ forwards
@@ -242,18 +280,23 @@ class BlockQuantizer:
         p: ChunkPass | None = None
 
         def pre_hook(module, args):
-            on_input(p, self.by_module[id(module)], args[0])
+            if not self._float_call():
+                on_input(p, self.by_module[id(module)], args[0])
 
         handles = [job.module.register_forward_pre_hook(pre_hook) for job in self.jobs] if on_input else []
         ran: list[bool | None] = []
         try:
             for c, (args, kwargs) in enumerate(self.extras):
                 p = ChunkPass(c, self.masks[c])
+                if on_input is not None:
+                    self._prepare(c)
                 try:
                     out = self.block(self.acts.get(c), *args, **kwargs)
                 except Stop:
                     ran.append(None)
                     continue
+                if on_input is not None:
+                    self._done(c)
                 if final:
                     self.acts.put(c, first_output(out), self.where)
                 ran.append(True)
@@ -273,10 +316,12 @@ class BlockQuantizer:
             raise NumericalError(f"the inputs of {job.name} contain NaN/Inf (activations of the earlier layers "
                                  "overflowed or the source weights are damaged); try dtype float32 or check "
                                  "the source checkpoint")
+        # [GPTAQ] the float model's input of the same tokens (None: plain GPTQ)
+        x_float = self.floats.take(p.chunk, job, x) if self.floats is not None else None
         if job.hessian is None:
-            job.hessian = Hessian(x.shape[-1], device=x.device, dtype=hessian_dtype(x.dtype, x.device))
+            job.hessian = job.new_hessian(x)
         p.shared.append((x, job.hessian))
         mask = p.mask
         t0 = time.perf_counter()
-        job.hessian.add(x, mask if mask is not None and mask.shape == x.shape[:-1] else None)
+        job.hessian.add(x, mask if mask is not None and mask.shape == x.shape[:-1] else None, x_float)
         job.seconds += time.perf_counter() - t0

@@ -52,19 +52,25 @@ def agree(flags: list[bool]) -> list[bool]:
 
 
 def reduce_hessian(job: LinearJob) -> None:
-    """Replace job's Hessian by the one over every rank's tokens (Σ n·H / Σ n)."""
+    """Replace job's Hessian by the one over every rank's tokens (Σ n·H / Σ n), [GPTAQ] and its
+    cross term alike (job.cross is the same on every rank: it depends on the name only)."""
     K = job.module.in_features
     h = job.hessian
-    buf = torch.zeros(K * K + 1, dtype=torch.float64)
+    parts = 2 if job.cross else 1
+    buf = torch.zeros(parts * K * K + 1, dtype=torch.float64)
     if h is not None and h.n:
-        buf[:-1] = (h.H.double().cpu() * h.n).reshape(-1)
+        buf[:K * K] = (h.H.double().cpu() * h.n).reshape(-1)
+        if job.cross:
+            buf[K * K:-1] = (h.dXXt.double().cpu() * h.n).reshape(-1)
         buf[-1] = h.n
     tot = D.all_sum(buf)
     n = int(tot[-1].item())
     w = job.module.weight
-    new = Hessian(K, device=w.device, dtype=hessian_dtype(w.dtype, w.device))
+    new = Hessian(K, device=w.device, dtype=hessian_dtype(w.dtype, w.device), cross=job.cross)
     if n:
-        new.H = (tot[:-1].reshape(K, K) / n).to(new.H)
+        new.H = (tot[:K * K].reshape(K, K) / n).to(new.H)
+        if job.cross:
+            new.dXXt = (tot[K * K:-1].reshape(K, K) / n).to(new.dXXt)
         new.n = n
     job.hessian = new
 

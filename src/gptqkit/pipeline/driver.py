@@ -48,6 +48,7 @@ class _Run:
     t_start: float
     prior_seconds: float = 0.0      # of the interrupted run this one resumes
     acts: Activations | None = None
+    facts: Activations | None = None   # [GPTAQ] the float model's hidden states
     inputs: BlockInputs | None = None
     written: set[str] = field(default_factory=set)   # checkpoint names already produced
 
@@ -118,12 +119,25 @@ def _begin(r: _Run, start: int) -> None:
     r.handle.materialize_outside(r.spec.blocks)
     plan = r.plan
     r.acts = Activations(r.dir, r.handle.device, plan.offload, plan.nchunks, start)
+    keep = r.acts.capture
+    if r.config.method == "gptaq":
+        # [GPTAQ] the float model's stream starts from the same block-0 inputs (the embeddings
+        # are not quantized): in memory both streams share those tensors
+        r.facts = Activations(r.dir, r.handle.device, plan.offload, plan.nchunks, start, stream="fp")
+
+        def keep(c, h):
+            r.acts.capture(c, h)
+            r.facts.capture(c, h)
     # [arch] record what each block receives (per-layer masks / rotary tables differ by layer type)
-    r.inputs = capture_inputs(r.handle.model, r.blocks, plan.input_ids, plan.attention_mask, plan.chunk,
-                              r.acts.capture)
+    r.inputs = capture_inputs(r.handle.model, r.blocks, plan.input_ids, plan.attention_mask, plan.chunk, keep)
     if not r.config.lm_head:
         r.handle.release_outside(r.spec.blocks)  # embeddings: needed again only to quantize lm_head
-    r.acts.resume()  # the hidden states the interrupted run had reached
+    for a in _streams(r):
+        a.resume()  # the hidden states the interrupted run had reached
+
+
+def _streams(r: _Run) -> list[Activations]:
+    return [r.acts] + ([r.facts] if r.facts is not None else [])
 
 
 def _quantize_block(r: _Run, i: int) -> list[float]:
@@ -137,10 +151,12 @@ def _quantize_block(r: _Run, i: int) -> list[float]:
     check_layers_fit(block, r.spec, r.config, prefix)
     jobs = block_jobs(block, r.spec, r.config, prefix)
     bq = BlockQuantizer(block, jobs, r.inputs.for_block(i), r.acts, r.plan.masks, r.plan.zero_min,
-                        r.config.true_sequential, prefix)
+                        r.config.true_sequential, prefix, float_acts=r.facts)
     bq.run()
     r.report.forwards += bq.forwards
-    r.acts.advance(prefix)
+    del bq  # [GPTAQ] with it the original weights it kept for the float forward
+    for a in _streams(r):
+        a.advance(prefix)
     fault_hook("solved", i)
     # write: GPTQ tensors of the solved linears, originals for everything else in the block
     tensors = Tensors()
@@ -150,7 +166,8 @@ def _quantize_block(r: _Run, i: int) -> list[float]:
     write_originals(r.handle, tensors, prefix, r.written)
     if r.plan.rank == 0:
         r.dir.write_block(i, tensors)
-    r.acts.save()
+    for a in _streams(r):
+        a.save()
     fault_hook("written", i)
     collective.on_rank0(lambda: r.dir.commit(i + 1, layers=[asdict(x) for x in r.report.layers],
                                              forwards=r.report.forwards, seconds=r.seconds(),
@@ -166,7 +183,7 @@ def _outside_tensors(r: _Run) -> Tensors:
     """The tensors outside the blocks: the quantized lm_head if asked, the rest as stored."""
     outside = Tensors()
     if r.config.lm_head:
-        head = quantize_lm_head(r.handle, r.spec, r.acts, r.plan.masks, r.config, r.plan.zero_min)
+        head = quantize_lm_head(r.handle, r.spec, r.acts, r.plan.masks, r.config, r.plan.zero_min, r.facts)
         if head is not None:
             outside.add_solved(head, r.config.checkpoint_format, r.written)
             r.report.layers.append(LayerLog.of(head))

@@ -7,6 +7,7 @@ downstream computes on quantized outputs.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass
 
@@ -26,6 +27,11 @@ log = logging.getLogger(__name__)
 # quantized with round-to-nearest instead of GPTQ; the choice is logged per layer.
 MIN_GPTQ_TOKENS = 8
 
+# [GPTAQ/MoE] a routed expert receives different tokens in the float model and in the quantized
+# one (the routers see different hidden states), so its inputs cannot be paired token for token:
+# such linears get plain GPTQ (logged per layer as "gptq"); everything else is paired.
+_ROUTED_EXPERT = re.compile(r"(^|\.)experts\.\d+\.")
+
 
 @dataclass
 class LinearJob:
@@ -36,6 +42,13 @@ class LinearJob:
     result: QuantResult | None = None
     seconds: float = 0.0
     tokens: int = 0
+    cross: bool = False            # [GPTAQ] accumulate the cross term with the float model's inputs
+
+    def __post_init__(self) -> None:
+        self.cross = self.cfg.method == "gptaq" and not _ROUTED_EXPERT.search(self.name)
+
+    def new_hessian(self, x: torch.Tensor) -> Hessian:
+        return Hessian(x.shape[-1], device=x.device, dtype=hessian_dtype(x.dtype, x.device), cross=self.cross)
 
 
 def check_layers_fit(block: nn.Module, spec: ArchSpec, config: QuantizeConfig, prefix: str) -> None:
@@ -100,9 +113,11 @@ def solve(job: LinearJob, zero_min: int) -> None:
         res = rtn_solve(W, cfg.bits, cfg.group_size, cfg.sym, cfg.mse, zero_min)
         res.method = "rtn-few-tokens"
     else:
+        # h.dXXt: [GPTAQ] the cross term with the float model's inputs (None: plain GPTQ)
         res = gptq_solve(W, h.H, cfg.bits, cfg.group_size, cfg.sym, cfg.desc_act, cfg.static_groups,
-                         cfg.damp_percent, cfg.damp_auto_increment, cfg.mse, cfg.blocksize, zero_min)
-        if res.method != "gptq":
+                         cfg.damp_percent, cfg.damp_auto_increment, cfg.mse, cfg.blocksize, zero_min,
+                         dXXt=h.dXXt, alpha=cfg.gptaq_alpha)
+        if res.method not in ("gptq", "gptaq"):
             log.warning("%s: Hessian unusable even at damp_percent=1; used round-to-nearest", job.name)
     job.tokens = h.n if h is not None else 0
     install(job, res)

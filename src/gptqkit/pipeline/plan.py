@@ -79,7 +79,8 @@ def make_plan(handle: ModelHandle, spec: ArchSpec, blocks: nn.ModuleList, input_
         sl = collective.local_slice(input_ids.shape[0])
         ids = ids[sl]
         mask = mask[sl] if mask is not None else None
-    chunk, offload, auto = _chunking(handle, ids, batch_size, parse_size(max_memory), world)
+    chunk, offload, auto = _chunking(handle, ids, batch_size, parse_size(max_memory), world,
+                                     gptaq=config.method == "gptaq")
     zero_min = 1 if (config.checkpoint_format == "gptq" and not config.sym) else 0
     if zero_min:
         log.info("asymmetric quantization in checkpoint_format 'gptq' (v1): zero points kept >= 1, "
@@ -96,18 +97,20 @@ def make_plan(handle: ModelHandle, spec: ArchSpec, blocks: nn.ModuleList, input_
 
 
 def _chunking(handle: ModelHandle, ids: torch.Tensor, batch_size: int | None, max_memory: int | None,
-              world: int) -> tuple[int, bool, bool]:
+              world: int, gptaq: bool = False) -> tuple[int, bool, bool]:
     """(sequences per chunk, hidden states on disk, chunk chosen automatically). A memory budget
-    the hidden states (a block's inputs and outputs) exceed sends them to disk, in chunks of
-    batch_size or as many sequences as a quarter of the budget holds. Otherwise batch_size, or
-    a chunk size from the free memory and the model's shapes (auto_chunk)."""
+    the hidden states (a block's inputs and outputs; [GPTAQ] of the float model too) exceed sends
+    them to disk, in chunks of batch_size or as many sequences as a quarter of the budget holds.
+    Otherwise batch_size, or a chunk size from the free memory and the model's shapes (auto_chunk)."""
     nseq = ids.shape[0]
     width = getattr(handle.config.get_text_config(), "hidden_size", None) or getattr(handle.config, "n_embd", 0)
-    per_seq = ids.shape[1] * width * torch.tensor([], dtype=handle.dtype).element_size()
+    streams = 2 if gptaq else 1
+    per_seq = streams * ids.shape[1] * width * torch.tensor([], dtype=handle.dtype).element_size()
     if max_memory is not None and (not width or 2 * nseq * per_seq > max_memory):
         chunk = batch_size or max(1, min(nseq, max_memory // (4 * max(per_seq, 1))))
-        log.info("calibration hidden states (%.0f MB) exceed max_memory (%.0f MB): kept on disk, "
-                 "%d sequences per chunk", 2 * nseq * per_seq / 1e6, max_memory / 1e6, chunk)
+        log.info("calibration hidden states (%.0f MB%s) exceed max_memory (%.0f MB): kept on disk, "
+                 "%d sequences per chunk", 2 * nseq * per_seq / 1e6, ", both streams" if gptaq else "",
+                 max_memory / 1e6, chunk)
         return chunk, True, False
     if batch_size:
         return batch_size, False, False
@@ -115,13 +118,13 @@ def _chunking(handle: ModelHandle, ids: torch.Tensor, batch_size: int | None, ma
         return nseq, False, False
     free = psutil.virtual_memory().available
     return auto_chunk(handle.config.get_text_config(), nseq, ids.shape[1], handle.dtype,
-                      min(free, max_memory or free)), False, True
+                      min(free, max_memory or free), gptaq=gptaq), False, True
 
 
 _MIN_BUDGET = 64 << 20
 
 
-def auto_chunk(cfg, nseq: int, seqlen: int, dtype: torch.dtype, free: int) -> int:
+def auto_chunk(cfg, nseq: int, seqlen: int, dtype: torch.dtype, free: int, gptaq: bool = False) -> int:
     """Sequences per chunk for the chunked in-flight mode, from the model's shapes.
 
     The run holds, whatever the chunking, every sequence's block input and output plus what the
@@ -130,19 +133,25 @@ def auto_chunk(cfg, nseq: int, seqlen: int, dtype: torch.dtype, free: int) -> in
     outputs and their product (3I), attention's q/k/v/output and rotary copies (6H), and the
     attention scores and softmax (2·heads·L) per token. Chunks are sized so that the transients
     stay within a quarter of the held part (the peak stays within ~25 % of the floor), or 64 MiB
-    for small jobs (one chunk, no threads), and an eighth of the free memory."""
+    for small jobs (one chunk, no threads), and an eighth of the free memory.
+
+    [GPTAQ] adds to what is held the float model's block input and output (2H) and what each
+    suspended chunk keeps of its float forward (pipeline/floats.py): the float inputs of the
+    linears it has not reached, at most o_proj's, gate/up's and down_proj's after its first stop
+    (2H + I); and to one chunk's transients its q/k/v float input until its first stop (H)."""
     e = torch.tensor([], dtype=dtype).element_size()
     H = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None) or 1024
     inter = (getattr(cfg, "intermediate_size", None) or getattr(cfg, "ffn_dim", None)
              or getattr(cfg, "n_inner", None) or 4 * H)
     heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None) or max(1, H // 64)
-    transient = seqlen * e * (3 * inter + 6 * H + 2 * heads * seqlen)
-    held = nseq * seqlen * e * (inter + 6 * H)
+    transient = seqlen * e * (3 * inter + 6 * H + 2 * heads * seqlen + (H if gptaq else 0))
+    held = nseq * seqlen * e * (inter + 6 * H + ((inter + 4 * H) if gptaq else 0))
     budget = min(free // 8, max(held // 4, _MIN_BUDGET))
     chunk = max(1, min(nseq, budget // transient))
     chunk = math.ceil(nseq / math.ceil(nseq / chunk))  # equal chunks, same count
     log.info("chunking: %d sequences per chunk (%d chunks); one chunk's transients %.0f MB (%.1f MB per "
              "sequence: hidden %d, intermediate %d, %d heads, %d tokens) within min(free memory %.0f MB / 8, "
-             "max(held activations %.0f MB / 4, 64 MiB)); --batch-size overrides", chunk, math.ceil(nseq / chunk),
-             chunk * transient / 1e6, transient / 1e6, H, inter, heads, seqlen, free / 1e6, held / 1e6)
+             "max(held activations %.0f MB%s / 4, 64 MiB)); --batch-size overrides", chunk, math.ceil(nseq / chunk),
+             chunk * transient / 1e6, transient / 1e6, H, inter, heads, seqlen, free / 1e6, held / 1e6,
+             " with GPTAQ's float stream and stashes" if gptaq else "")
     return chunk

@@ -7,6 +7,7 @@ Layout while a run is in progress:
       run_state.json                 fingerprint of the inputs, next block, layer logs
       blocks/block-00012.safetensors every output tensor of block 12 (GPTQ tensors and originals)
       hidden/in-00013-c0000.safetensors   what block 13 receives, per calibration chunk
+      hidden/fp-00013-c0000.safetensors   [GPTAQ] the same in the full-precision model
       outside.safetensors            embeddings, final norm, lm_head (written last)
       config.json, tokenizer …       side files, written before finalize
 
@@ -286,19 +287,20 @@ class RunDir:
     def block_file(self, i: int) -> Path:
         return self.tmp / "blocks" / f"block-{i:05d}.safetensors"
 
-    def hidden_file(self, i: int, c: int) -> Path:
+    def hidden_file(self, i: int, c: int, stream: str = "in") -> Path:
+        """stream: 'in' (the quantized model's hidden states) or 'fp' ([GPTAQ] the float model's)."""
         r = "" if self.rank is None else f"r{self.rank:03d}-"
-        return self.tmp / "hidden" / f"in-{i:05d}-{r}c{c:04d}.safetensors"
+        return self.tmp / "hidden" / f"{stream}-{i:05d}-{r}c{c:04d}.safetensors"
 
     def write_block(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
         write_safetensors(self.block_file(i), tensors, {"format": "pt", "order": json.dumps(list(tensors))})
 
-    def write_hidden(self, i: int, c: int, h: torch.Tensor) -> None:
-        write_safetensors(self.hidden_file(i, c), {"h": h})
+    def write_hidden(self, i: int, c: int, h: torch.Tensor, stream: str = "in") -> None:
+        write_safetensors(self.hidden_file(i, c, stream), {"h": h})
 
-    def load_hidden(self, i: int, c: int) -> torch.Tensor:
+    def load_hidden(self, i: int, c: int, stream: str = "in") -> torch.Tensor:
         from safetensors import safe_open
-        f = self.hidden_file(i, c)
+        f = self.hidden_file(i, c, stream)
         read_header(f)
         with safe_open(str(f), framework="pt") as sf:
             return sf.get_tensor("h")
@@ -320,8 +322,8 @@ class RunDir:
             raise write_error(self.tmp / STATE_FILE, e) from e
         _fsync_dir(self.tmp)
         self.state = state
-        for f in (self.tmp / "hidden").iterdir():  # only the latest inputs are kept
-            if not f.name.startswith(f"in-{next_block:05d}-"):
+        for f in (self.tmp / "hidden").iterdir():  # only the latest inputs are kept (both streams)
+            if not f.name.startswith((f"in-{next_block:05d}-", f"fp-{next_block:05d}-")):
                 f.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ the end

@@ -1,4 +1,5 @@
-"""The GPTQ solver for one weight matrix (Frantar et al., 2022), in the reference's shape.
+"""The GPTQ solver for one weight matrix (Frantar et al., 2022), in the reference's shape, and
+its asymmetric-calibration variant GPTAQ (Li et al., ICML 2025) through the same code.
 
 Given W [N, K] and the Hessian H = 2·XᵀX/n of the layer's inputs X [n, K], quantize the columns
 of W one at a time, each time spreading the rounding error over the columns not yet quantized
@@ -10,6 +11,22 @@ Differences from the reference, each for correctness:
   (the reference reads stale weights when a group starts inside a block);
 - when the Cholesky factorization fails, damping grows by `damp_auto_increment` (logged) and,
   past 1.0, the layer falls back to round-to-nearest (logged) rather than crashing.
+
+GPTAQ minimizes ||W·X̃ − Q·X||² instead of ||W·X − Q·X||², X̃ being the layer's inputs in the
+full-precision model and X those in the partially quantized one. With the cross term
+dXXᵀ = 2/n·Σ (x̃ − x)·xᵀ (accumulated next to H, same scaling: Hessian(cross=True)) and U the
+upper Cholesky factor of H⁻¹ (H⁻¹ = UᵀU), the paper's closed form (neuron decomposition +
+Cholesky reformulation) adds, when column i is quantized, w_i·P[i, i+1:] to the columns not yet
+quantized, with
+
+    P = α · triu₁(dXXᵀ · Uᵀ) · U        (strictly upper triangular; α = 0.25 as in the reference)
+
+w_i being column i's value just before it is quantized (after every earlier compensation).
+The reference (Intelligent-Computing-Lab-Yale/GPTAQ fake_quant/gptaq_utils.py, GPTQModel
+quantization/gptaq.py) uses that value inside a block of columns but, in the lazy update of the
+later blocks, multiplies P by the block's columns after their own update, i.e. by the quantized
+values, so its result depends on the blocksize. Here the lazy update uses the same pre-quantization
+values as the column loop, so blocked and unblocked solves agree for every blocksize.
 """
 from __future__ import annotations
 
@@ -26,18 +43,36 @@ log = logging.getLogger(__name__)
 
 
 class Hessian:
-    """Streaming H = 2/n · Σ x xᵀ over the rows x of every batch (masked rows left out)."""
+    """Streaming H = 2/n · Σ x xᵀ over the rows x of every batch (masked rows left out).
 
-    def __init__(self, columns: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    cross=True also accumulates GPTAQ's dXXt = 2/n · Σ (x̃ − x) xᵀ (dXXt[a, b] = 2/n · Σ (x̃_a − x_a)·x_b),
+    x̃ being the same token's input in the full-precision model; same rows, same scaling as H."""
+
+    def __init__(self, columns: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 cross: bool = False):
         self.H = torch.zeros(columns, columns, device=device, dtype=dtype)
+        self.dXXt = torch.zeros(columns, columns, device=device, dtype=dtype) if cross else None
         self.n = 0
 
     # Rows per addmm_: the masked/converted copy of x is made one row block at a time, so the
     # transient is at most ROWS·K elements (a 64×512-token MLP input converted at once is ~200 MB).
     ROWS = 4096
+    # [GPTAQ] with the cross term, H is formed from its upper triangle in this many row panels
+    # (panel i: x_iᵀ·x[:, i:]), ~0.6x the flops of the full product on a CPU, which pays back part of
+    # the cross term's full K×K product. Plain GPTQ keeps the full product: its bytes stay as they were.
+    PANELS = 4
 
-    def add(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-        """x: [..., K] inputs of the layer; mask: [...] booleans, True for real (non-pad) tokens."""
+    def add(self, x: torch.Tensor, mask: torch.Tensor | None = None, x_float: torch.Tensor | None = None) -> None:
+        """x: [..., K] inputs of the layer; mask: [...] booleans, True for real (non-pad) tokens.
+        x_float (cross=True only, and then required): the full-precision model's inputs of the
+        very same tokens, in the same order (x's shape)."""
+        if (x_float is None) != (self.dXXt is None):
+            raise ValueError("x_float is needed exactly when the accumulator has a cross term (cross=True)")
+        if x_float is not None:
+            if x_float.shape != x.shape:
+                raise ValueError(f"float inputs {tuple(x_float.shape)} are not paired with the inputs "
+                                 f"{tuple(x.shape)} token for token")
+            x_float = x_float.reshape(-1, x_float.shape[-1])
         x = x.reshape(-1, x.shape[-1])
         if mask is not None:
             # HF attention masks are 0/1 integers: indexing with those would gather rows 0 and
@@ -48,13 +83,38 @@ class Hessian:
             return
         # H_new = (n·H + 2·xᵀx) / (n + m), computed without forming large intermediates
         self.H.mul_(self.n / (self.n + m))
+        if self.dXXt is not None:
+            self.dXXt.mul_(self.n / (self.n + m))
         self.n += m
         for s in range(0, x.shape[0], self.ROWS):
             xb = x[s:s + self.ROWS]
             if mask is not None:
                 xb = xb[mask[s:s + self.ROWS]]
             xb = xb.to(device=self.H.device, dtype=self.H.dtype)
-            self.H.addmm_(xb.T, xb, alpha=2.0 / self.n)
+            if x_float is None:
+                self.H.addmm_(xb.T, xb, alpha=2.0 / self.n)
+            else:
+                self._add_upper(xb, 2.0 / self.n)
+                # the difference first, in the accumulator's dtype: x̃ ≈ x, so forming Σ x̃xᵀ − H
+                # instead would cancel most of float32's digits
+                fb = x_float[s:s + self.ROWS]
+                if mask is not None:
+                    fb = fb[mask[s:s + self.ROWS]]
+                db = fb.to(device=self.H.device, dtype=self.H.dtype) - xb  # never in place: fb may be the caller's
+                self.dXXt.addmm_(db.T, xb, alpha=2.0 / self.n)
+        if x_float is not None:  # the blocks below the diagonal blocks, mirrored from above
+            for a, b in self._panels():
+                self.H[b:, a:b] = self.H[a:b, b:].T
+
+    def _panels(self) -> list[tuple[int, int]]:
+        K = self.H.shape[0]
+        cut = [K * p // self.PANELS for p in range(self.PANELS + 1)]
+        return [(a, b) for a, b in zip(cut, cut[1:]) if b > a]
+
+    def _add_upper(self, xb: torch.Tensor, alpha: float) -> None:
+        """H += alpha·xbᵀxb on and above the diagonal blocks of the panels."""
+        for a, b in self._panels():
+            self.H[a:b, a:].addmm_(xb[:, a:b].T, xb[:, a:], alpha=alpha)
 
 
 def _inverse_cholesky(H: torch.Tensor, damp_percent: float, damp_auto_increment: float
@@ -80,11 +140,14 @@ def _inverse_cholesky(H: torch.Tensor, damp_percent: float, damp_auto_increment:
 def gptq_solve(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = -1, sym: bool = True,
                desc_act: bool = False, static_groups: bool = False, damp_percent: float = 0.01,
                damp_auto_increment: float = 0.0025, mse: bool | str = False, blocksize: int = 128,
-               zero_min: int = 0) -> QuantResult:
+               zero_min: int = 0, dXXt: torch.Tensor | None = None, alpha: float = 0.25) -> QuantResult:
     """Quantize W [N, K] given H [K, K]. Computes in W's dtype if float32/float64, else float32.
 
     mse: search each group's clipping range (True: weighted by the layer error, see below;
-    "norm": the reference's unweighted search)."""
+    "norm": the reference's unweighted search).
+    dXXt [K, K] (GPTAQ): the cross term 2/n·Σ (x̃ − x)·xᵀ, scaled like H; the solve then also
+    compensates the asymmetry between the float model's inputs and the quantized ones, with
+    strength alpha (module docstring). None: plain GPTQ, exactly."""
     dtype = W.dtype if W.dtype in (torch.float32, torch.float64) else torch.float32
     W = W.to(dtype).clone()
     H = H.to(dtype).clone()
@@ -100,6 +163,13 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = -1
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
+    D = None
+    if dXXt is not None:
+        D = dXXt.to(dtype).clone()
+        if not torch.isfinite(D).all():
+            from ..errors import NumericalError
+            raise NumericalError("the GPTAQ cross term contains NaN/Inf")
+        D[:, dead] = 0  # (as the reference) no input reached those columns: nothing to pair
 
     W0 = W  # original column order, for static groups
     perm = None
@@ -107,6 +177,8 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = -1
         perm = torch.argsort(torch.diag(H), descending=True)
         W = W[:, perm]
         H = H[perm][:, perm]
+        if D is not None:  # both ways, like H: rows and columns index input channels
+            D = D[perm][:, perm]
 
     Hinv, damp = _inverse_cholesky(H, damp_percent, damp_auto_increment)
     if Hinv is None:
@@ -114,6 +186,9 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = -1
         r = rtn_solve(W0, bits, group_size, sym, bool(mse), zero_min)
         r.method, r.damp = "rtn-fallback", damp
         return r
+    # GPTAQ: P[i, j] = α·Σ_{k>i} (D·Uᵀ)[i, k]·U[k, j], nonzero only for j > i
+    P = None if D is None else (D @ Hinv.T).triu_(1).matmul(Hinv).mul_(alpha)
+    del D
 
     # The clip search (mse) scores each candidate range by the layer error its rounding costs:
     # a rounding error e in column k costs e²/U_kk² once the later columns compensate for it (U =
@@ -142,6 +217,9 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = -1
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
+        if P is not None:
+            P1 = P[i1:i2, i1:i2]
+            Wpre1 = torch.zeros_like(W1)  # [GPTAQ] each column's value just before it is quantized
         for i in range(i2 - i1):
             col = i1 + i
             if static is not None:
@@ -154,6 +232,8 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = -1
                 cur = W1[:, i:]
                 if end > i2:
                     pending = W[:, i2:end] - Err1[:, :i] @ Hinv[i1:col, i2:end]
+                    if P is not None:
+                        pending += Wpre1[:, :i] @ P[i1:col, i2:end]
                     cur = torch.cat([cur, pending], dim=1)
                 else:
                     cur = cur[:, :end - col]
@@ -167,10 +247,15 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = -1
             err = Err1[:, i]
             torch.sub(w, dequantize(q, scale, zero), out=err)
             err.div_(Hinv1[i, i])
+            if P is not None:  # before w (a view) is overwritten by its own update
+                Wpre1[:, i] = w
+                W1[:, i + 1:].addr_(Wpre1[:, i], P1[i, i + 1:])
             W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
         # (w − ŵ)²/d² summed over the block's columns = Σ err², the reference's loss
         loss += Err1.pow(2).sum() / 2
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        if P is not None:
+            W[:, i2:].addmm_(Wpre1, P[i1:i2, i2:])
 
     if static is not None:
         scales = torch.stack([s for s, _ in static])
@@ -185,4 +270,4 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = -1
 
     return QuantResult(q=Q.to(torch.int32), scales=scales.float(), zeros=zeros.to(torch.int32),
                        g_idx=g_idx.to(torch.int32).to(W.device), loss=float(loss), damp=damp,
-                       method="gptq")
+                       method="gptq" if P is None else "gptaq")
