@@ -319,9 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=True,
                    help="fix groups in original column order, so g_idx stays c // g (default on)")
     q.add_argument("--damp", type=float, default=0.01, help="damp_percent (grows automatically if needed)")
-    q.add_argument("--mse", action="store_true",
+    q.add_argument("--mse", action=argparse.BooleanOptionalAction, default=True,
                    help="search each group's clipping range for the one with the least layer error (GPTQ: "
-                        "weighted by the Hessian; RTN: |w - w_q|^2.4); costs a few seconds per layer")
+                        "weighted by the Hessian; RTN: |w - w_q|^2.4); default on, --no-mse for the plain "
+                        "min/max range")
     q.add_argument("--no-true-sequential", action="store_true")
     q.add_argument("--lm-head", action="store_true", help="quantize lm_head too")
     q.add_argument("--format", default="gptq", choices=["gptq", "gptq_v2"])

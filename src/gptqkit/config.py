@@ -48,7 +48,9 @@ class QuantizeConfig:
     damp_percent: float = 0.01
     damp_auto_increment: float = 0.0025
     true_sequential: bool = True
-    mse: bool = False
+    # Clip search weighted by the layer error (quant/gptq.py): closes markedly more of RTN's gap at
+    # every grid measured, across calibration draws, for seconds per model (BENCHMARKS.md, Quality)
+    mse: bool = True
     checkpoint_format: str = "gptq"
     lm_head: bool = False
     method: str = "gptq"
