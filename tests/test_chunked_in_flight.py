@@ -190,7 +190,10 @@ def _run_auto(src, out, ids, free, **kw):
     mp.setattr(plan, "_MIN_BUDGET", 3 * 16 * 4 * (3 * 128 + 6 * 64 + 2 * 4 * 16))
     mp.setattr(psutil, "virtual_memory", lambda: type("VM", (), {"available": free})())
     try:
-        return quantize_model(ModelHandle(src), ids, QuantizeConfig(bits=4, group_size=32), out, progress=False,
+        # no clip search: it makes this tiny model's codes robust to the chunking's summation
+        # order, and the test needs the chunking to show in the bytes
+        return quantize_model(ModelHandle(src), ids, QuantizeConfig(bits=4, group_size=32, mse=False), out,
+                              progress=False,
                               **kw)
     finally:
         mp.undo()
