@@ -110,10 +110,21 @@ def test_worker_error_reaches_the_caller(tmp_path, monkeypatch):
     assert not any(t.name.startswith("gptqkit-chunk") for t in threading.enumerate())
 
 
-def test_ctrl_c_stops_workers_and_resume_gives_same_bytes(tmp_path, monkeypatch):
+def test_ctrl_c_stops_workers_and_resume_gives_same_bytes():
     """SIGINT reaches the main thread only: it aborts the suspended chunks, the run raises
     InterruptedRunError and keeps its finished blocks, and the resumed run has the bytes of an
-    uninterrupted one."""
+    uninterrupted one. Run in a fresh interpreter: in a clean checkout's full run, state left by
+    earlier tests (first-use kernel builds among them) kept the signal from arriving in time."""
+    import subprocess
+    import sys
+    env = dict(os.environ, GPTQKIT_CTRL_C_BODY="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        f"{__file__}::test_ctrl_c_body"], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "1 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
+
+
+@pytest.mark.skipif(os.environ.get("GPTQKIT_CTRL_C_BODY") != "1", reason="run by the test above, in its own process")
+def test_ctrl_c_body(tmp_path, monkeypatch):
     from gptqkit.errors import InterruptedRunError
     from gptqkit.pipeline import block
     src = build_tiny("llama", tmp_path / "src", **CASES["llama"])
