@@ -1,7 +1,7 @@
 """Layer error tr(ΔW H ΔWᵀ) of solver variants on real SmolLM2-135M layers. Prints JSON.
 
-    python benchmarks/layer_error.py --bits 4 --group-size 128 --variants default,mse,mse-h
-    python benchmarks/layer_error.py --bits 3 --group-size 64 --variants default,mse,mse-h
+    python benchmarks/layer_error.py --bits 4 --group-size 128 --variants default,mse-norm,mse
+    python benchmarks/layer_error.py --bits 3 --group-size 64 --variants default,mse-norm,mse,mse-s0.5,mse-g200
 
 H is each layer's input Hessian from the float model on `--nsamples` × `--seqlen` tokens of the
 built-in calibration text (not the sequential, partly quantized inputs of a real run: a cheap,
@@ -63,6 +63,9 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--variants", default="default,mse")
     a = ap.parse_args()
+    for v in a.variants.split(","):
+        if v not in VARIANTS:
+            ap.error(f"unknown variant {v!r}; choose from {sorted(VARIANTS)}")
 
     import torch
     from transformers import AutoModelForCausalLM
