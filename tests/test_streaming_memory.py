@@ -88,3 +88,22 @@ def test_activations_on_disk_resume(model4, tmp_path):
     assert hidden == ["in-00002-c0000.safetensors", "in-00002-c0001.safetensors"]  # only the latest kept
     quantize_model(ModelHandle(model4), _ids(), QuantizeConfig(group_size=32), out, resume=True, **kw)
     assert _files(out) == _files(ref)
+
+
+def test_tied_embedding_freed_while_blocks_run(tmp_path, tiny_llama_factory, monkeypatch):
+    """A tied lm_head is the embedding under a second name: freeing the embedding's name alone
+    left the lm_head holding the whole matrix (on SmolLM2, 108 MiB through every block)."""
+    path = tiny_llama_factory(tmp_path / "tied", num_hidden_layers=2, tie_word_embeddings=True)
+    handle = ModelHandle(path)
+    m = handle.model
+    assert m.lm_head.weight is m.model.embed_tokens.weight
+    seen = []
+    real = ModelHandle.materialize
+
+    def materialize(self, prefix):
+        real(self, prefix)
+        seen.append((m.lm_head.weight.device.type, m.model.embed_tokens.weight.device.type))
+
+    monkeypatch.setattr(ModelHandle, "materialize", materialize)
+    quantize_model(handle, _ids(), QuantizeConfig(group_size=32), tmp_path / "q", progress=False)
+    assert seen == [("meta", "meta")] * 2

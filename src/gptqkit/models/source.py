@@ -112,7 +112,9 @@ class ModelHandle:
         if not self.streaming:
             return
         from accelerate.utils import set_module_tensor_to_device
-        for full, p in list(self.model.named_parameters()):
+        # every name of a tied tensor (a tied lm_head is the embedding under a second name):
+        # freeing one name alone leaves the other holding the whole tensor
+        for full, p in list(self.model.named_parameters(remove_duplicate=False)):
             if not full.startswith(blocks_path + ".") and p.device.type != "meta":
                 set_module_tensor_to_device(self.model, full, "meta")
 

@@ -72,6 +72,7 @@ def quantize_model(handle: ModelHandle, input_ids: torch.Tensor, config: Quantiz
     """
     t_start = time.perf_counter()
     return_large_buffers()
+    release_heap()  # tokenizing the calibration text leaves ~150 MB of freed heap on SmolLM2
     spec = spec_for(handle.model)
     blocks = get_module(handle.model, spec.blocks)
     plan = make_plan(handle, spec, blocks, input_ids, attention_mask, config, batch_size=batch_size,
