@@ -122,12 +122,19 @@ def _inverse_cholesky(H: torch.Tensor, damp_percent: float, damp_auto_increment:
     """Upper Cholesky factor of (H + λI)⁻¹, λ = damp·mean(diag H), raising damp until it works."""
     mean_diag = torch.mean(torch.diag(H))
     damp = damp_percent
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    # the damped copy and the factors are formed one at a time, each freed when the next exists:
+    # a K×K float32 matrix is 9 MiB at K = 1536 and these are the solve's largest buffers
+    # (the same values as H + λ·I: only the diagonal changes)
     while True:
-        L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
+        Hd = H.clone()
+        Hd.diagonal().add_(damp * mean_diag)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        del Hd
         if info == 0:
             Hinv = torch.cholesky_inverse(L)
+            del L
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            del Hinv
             if info == 0 and torch.isfinite(U).all():
                 return U, damp
         if damp >= 1.0 or damp_auto_increment <= 0:  # no increase possible: give up, not loop
