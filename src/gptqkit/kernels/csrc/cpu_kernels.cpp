@@ -19,6 +19,7 @@
 #include <string.h>
 #include <stdlib.h>
 #include <omp.h>
+#include <utility>
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -123,6 +124,117 @@ static void block_rows(const uint8_t* __restrict Wb, const float* __restrict Sb,
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// AVX2 + FMA (no AVX-512): the generic code above is written with 64-byte GCC vectors, which GCC
+// splits into pairs of 256-bit halves through the stack on AVX2, and the 6-row tile of 4 such
+// vectors needs 48 ymm registers of 16: the AVX2 build ran 4-6x slower than the AVX-512 one and
+// slower than dense fp32 at M = 1. So AVX2 gets its own loop on 8-column vectors, with the same
+// layout and the same arithmetic (codes zero-extended and converted in registers, fp32
+// accumulation per group, w = s*q - s*z applied once per group and column).
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#define GK_AVX2 1
+// Columns 8V..8V+7 of a 64-column block, for one row: the layout puts column 16*(per*h+i)+lane at
+// byte 16*h+lane, bits [BITS*i, +BITS), so they are 8 consecutive bytes (chunk c = 2h + V%2),
+// one field each. Chunks shared by two vectors are loaded and zero-extended once (CSE).
+template <int BITS, int V>
+static inline __m256 dec8(const uint8_t* p) {
+    constexpr int per = 8 / BITS, pair = V / 2, h = pair / per, i = pair % per, c = 2 * h + (V & 1);
+    __m256i t = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p + 8 * c)));
+    if constexpr (BITS * i > 0) t = _mm256_srli_epi32(t, BITS * i);
+    if constexpr (BITS * (i + 1) < 8) t = _mm256_and_si256(t, _mm256_set1_epi32((1 << BITS) - 1));
+    return _mm256_cvtepi32_ps(t);
+}
+
+// One row of codes times MR rows of x into acc: each vector is decoded right before its FMAs, in
+// source order (GCC does not schedule before register allocation on x86), so only one decoded
+// vector is live at a time: decoding all 8 first spilled two accumulators of the M = 1 loop to
+// the stack, and the store-to-load round trip on them bounded the loop.
+template <int BITS, int MR, int V0, int NV, int... I>
+static inline void fma_row(const uint8_t* p, const __m256* xv, __m256 (*acc)[NV],
+                           std::integer_sequence<int, I...>) {
+    ([&] {
+        const __m256 w = dec8<BITS, V0 + I>(p);
+        for (int r = 0; r < MR; ++r) acc[r][I] = _mm256_fmadd_ps(w, xv[r], acc[r][I]);
+    }(), ...);
+}
+
+// MR rows of x against columns [8*V0, 8*(V0+NV)) of one 64-column block. MR*NV accumulators
+// plus NV decoded vectors must fit 16 ymm registers: (1 row, 8 vectors) for decode, where 8
+// independent FMA chains cover the FMA latency; (MR rows, 4 vectors) for small batches.
+template <int BITS, int MR, int V0, int NV>
+static void block_rows_avx2(const uint8_t* __restrict Wb, const float* __restrict Sb,
+                            const float* __restrict SZb, const int32_t* __restrict seg, int G,
+                            const float* __restrict X, int ldx, const float* __restrict XS,
+                            float* __restrict Y, int ldy, int ncols) {
+    constexpr int B = 8 * BITS;
+    __m256 y[MR][NV];
+    for (int r = 0; r < MR; ++r)
+        for (int v = 0; v < NV; ++v) y[r][v] = _mm256_setzero_ps();
+    for (int g = 0; g < G; ++g) {
+        const int k0 = seg[g], k1 = seg[g + 1];
+        if (k0 == k1) continue;
+        __m256 acc[MR][NV];
+        for (int r = 0; r < MR; ++r)
+            for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_ps();
+        const uint8_t* p = Wb + (size_t)k0 * B;
+        for (int k = k0; k < k1; ++k, p += B) {
+            __m256 xv[MR];
+            for (int r = 0; r < MR; ++r) xv[r] = _mm256_set1_ps(X[(size_t)r * ldx + k]);
+            fma_row<BITS, MR, V0, NV>(p, xv, acc, std::make_integer_sequence<int, NV>{});
+        }
+        const float* s = Sb + (size_t)g * 64 + 8 * V0;
+        const float* sz = SZb + (size_t)g * 64 + 8 * V0;
+        for (int v = 0; v < NV; ++v) {
+            const __m256 sv = _mm256_loadu_ps(s + 8 * v), szv = _mm256_loadu_ps(sz + 8 * v);
+            for (int r = 0; r < MR; ++r)
+                y[r][v] = _mm256_fnmadd_ps(szv, _mm256_set1_ps(XS[(size_t)r * G + g]),
+                                           _mm256_fmadd_ps(sv, acc[r][v], y[r][v]));
+        }
+    }
+    const int nc = ncols - 8 * V0;  // columns of this slice that exist (the last block is ragged)
+    if (nc <= 0) return;
+    for (int r = 0; r < MR; ++r) {
+        float tmp[8 * NV];
+        for (int v = 0; v < NV; ++v) _mm256_storeu_ps(tmp + 8 * v, y[r][v]);
+        memcpy(Y + (size_t)r * ldy + 8 * V0, tmp, sizeof(float) * (nc < 8 * NV ? nc : 8 * NV));
+    }
+}
+
+#ifndef GK_MR2
+// rows per pass of the small-batch AVX2 tile: 2 rows x 4 vectors run without spills; 3 x 4 (12
+// accumulators + 3 broadcasts + the decoded vector) spilled and was 1.5x slower per row
+#define GK_MR2 2
+#endif
+
+// rows [0, M) of x against block j: one row at a time over the whole block for M = 1; else
+// GK_MR2 rows at a time over each half block (a half's codes stay in L1 across row tiles)
+template <int BITS>
+static void block_avx2(const uint8_t* Wb, const float* Sb, const float* SZb, const int32_t* seg,
+                       int G, const float* X, int K, const float* XS, float* Yb, int N, int M,
+                       int ncols) {
+    if (M == 1) {
+        block_rows_avx2<BITS, 1, 0, 8>(Wb, Sb, SZb, seg, G, X, K, XS, Yb, N, ncols);
+        return;
+    }
+#define GK_HALF(H)                                                                                 \
+    {                                                                                              \
+        int m = 0;                                                                                 \
+        for (; m + GK_MR2 <= M; m += GK_MR2)                                                       \
+            block_rows_avx2<BITS, GK_MR2, 4 * (H), 4>(Wb, Sb, SZb, seg, G, X + (size_t)m * K, K,   \
+                                                      XS + (size_t)m * G, Yb + (size_t)m * N, N, ncols); \
+        for (; m + 2 <= M; m += 2)                                                                 \
+            block_rows_avx2<BITS, 2, 4 * (H), 4>(Wb, Sb, SZb, seg, G, X + (size_t)m * K, K,        \
+                                                 XS + (size_t)m * G, Yb + (size_t)m * N, N, ncols); \
+        for (; m < M; ++m)                                                                         \
+            block_rows_avx2<BITS, 1, 4 * (H), 4>(Wb, Sb, SZb, seg, G, X + (size_t)m * K, K,        \
+                                                 XS + (size_t)m * G, Yb + (size_t)m * N, N, ncols); \
+    }
+    GK_HALF(0)
+    if (ncols > 32) GK_HALF(1)
+#undef GK_HALF
+}
+#endif
+
 // rows of x per pass over a weight block: 4 rows x 4 vectors = 16 accumulators fit AVX2's and
 // AVX-512's register files; with 32 vector registers (AVX-512) 6 rows amortize decoding better
 #if defined(__AVX512F__)
@@ -152,6 +264,10 @@ static void gemv_impl(const uint8_t* W, const float* S, const float* SZ, const i
         const float* SZb = SZ + (size_t)j * G * 64;
         const int ncols = (N - 64 * j) < 64 ? (N - 64 * j) : 64;
         float* Yb = Y + 64 * (size_t)j;
+#if defined(GK_AVX2)
+        block_avx2<BITS>(Wb, Sb, SZb, seg, G, X, K, XS, Yb, N, M, ncols);
+        continue;
+#endif
         int m = 0;
         for (; m + GK_MR <= M; m += GK_MR)
             block_rows<BITS, GK_MR>(Wb, Sb, SZb, seg, G, X + (size_t)m * K, K, XS + (size_t)m * G,
@@ -173,6 +289,16 @@ static void gemv_impl(const uint8_t* W, const float* S, const float* SZ, const i
     if (XS != xs_stack) free(XS);
 }
 
+#if defined(GK_AVX2)
+// one row of a block's codes -> 64 fp32 weights s*q - s*z (the BLAS path's dequantizer on AVX2)
+template <int BITS, int... I>
+static inline void dequant_row_avx2(const uint8_t* p, const float* s, const float* sz, float* o,
+                                    std::integer_sequence<int, I...>) {
+    ((_mm256_storeu_ps(o + 8 * I, _mm256_fmsub_ps(_mm256_loadu_ps(s + 8 * I), dec8<BITS, I>(p),
+                                                  _mm256_loadu_ps(sz + 8 * I)))), ...);
+}
+#endif
+
 template <int BITS>
 static void dequant_impl(const uint8_t* W, const float* S, const float* SZ, const int32_t* gk,
                          int K, int G, int blk0, int nb, float* out, int nthreads) {
@@ -189,12 +315,16 @@ static void dequant_impl(const uint8_t* W, const float* S, const float* SZ, cons
             const float* SZb = SZ + (size_t)j * G * 64;
             const int k1 = (kc + 1) * KC < K ? (kc + 1) * KC : K;
             for (int k = kc * KC; k < k1; ++k) {
-                v16f w[4];
-                decode<BITS>(Wb + (size_t)k * B, w);
                 const float* s = Sb + (size_t)gk[k] * 64;
                 const float* sz = SZb + (size_t)gk[k] * 64;
                 float* o = out + (size_t)k * ldo + 64 * jb;
+#if defined(GK_AVX2)
+                dequant_row_avx2<BITS>(Wb + (size_t)k * B, s, sz, o, std::make_integer_sequence<int, 8>{});
+#else
+                v16f w[4];
+                decode<BITS>(Wb + (size_t)k * B, w);
                 for (int v = 0; v < 4; ++v) storef(o + 16 * v, loadf(s + 16 * v) * w[v] - loadf(sz + 16 * v));
+#endif
             }
         }
 }
