@@ -145,28 +145,44 @@ static inline __m256 dec8(const uint8_t* p) {
     return _mm256_cvtepi32_ps(t);
 }
 
-// One row of codes times MR rows of x into acc: each vector is decoded right before its FMAs, in
-// source order (GCC does not schedule before register allocation on x86), so only one decoded
-// vector is live at a time: decoding all 8 first spilled two accumulators of the M = 1 loop to
-// the stack, and the store-to-load round trip on them bounded the loop.
-template <int BITS, int MR, int V0, int NV, int... I>
-static inline void fma_row(const uint8_t* p, const __m256* xv, __m256 (*acc)[NV],
-                           std::integer_sequence<int, I...>) {
-    ([&] {
-        const __m256 w = dec8<BITS, V0 + I>(p);
-        for (int r = 0; r < MR; ++r) acc[r][I] = _mm256_fmadd_ps(w, xv[r], acc[r][I]);
-    }(), ...);
+// One row of codes times MR rows of x into acc[r][I] (I-th of the vectors V...): each vector is
+// decoded right before its FMAs, in source order (GCC does not schedule before register
+// allocation on x86), so one decoded vector is live at a time: decoding all 8 first spilled two
+// accumulators of the M = 1 loop to the stack, and the store/reload bounded the loop.
+template <int BITS, int MR, int NV, int... V, int... I>
+static inline void fma_row(const uint8_t* p, const float* x, int ldx, __m256 (*acc)[NV],
+                           std::integer_sequence<int, V...>, std::integer_sequence<int, I...>) {
+    if constexpr (MR > 4) {
+        // many rows, few vectors: decode the NV vectors, then one broadcast of x per row used by
+        // NV FMAs at once, so only one broadcast is live (6 x 2 accumulators fit)
+        __m256 w[NV];
+        ((w[I] = dec8<BITS, V>(p)), ...);
+        for (int r = 0; r < MR; ++r) {
+            const __m256 xv = _mm256_set1_ps(x[(size_t)r * ldx]);
+            ((acc[r][I] = _mm256_fmadd_ps(w[I], xv, acc[r][I])), ...);
+        }
+    } else {
+        __m256 xv[MR];
+        for (int r = 0; r < MR; ++r) xv[r] = _mm256_set1_ps(x[(size_t)r * ldx]);
+        ([&] {
+            const __m256 w = dec8<BITS, V>(p);
+            for (int r = 0; r < MR; ++r) acc[r][I] = _mm256_fmadd_ps(w, xv[r], acc[r][I]);
+        }(), ...);
+    }
 }
 
-// MR rows of x against columns [8*V0, 8*(V0+NV)) of one 64-column block. MR*NV accumulators
-// plus NV decoded vectors must fit 16 ymm registers: (1 row, 8 vectors) for decode, where 8
-// independent FMA chains cover the FMA latency; (MR rows, 4 vectors) for small batches.
-template <int BITS, int MR, int V0, int NV>
+// MR rows of x against the 8-column vectors V... of one 64-column block. MR*NV accumulators,
+// MR broadcasts of x and the decoded vector must fit 16 ymm registers: (1 row, all 8 vectors)
+// for decode, where 8 independent FMA chains cover the FMA latency; (4 rows, 2 vectors) for
+// batches, the 2 vectors being the two fields of one 8-byte chunk for 4-bit codes (V, V+2), so
+// that one zero-extend serves 8 FMAs.
+template <int BITS, int MR, int... V>
 static void block_rows_avx2(const uint8_t* __restrict Wb, const float* __restrict Sb,
                             const float* __restrict SZb, const int32_t* __restrict seg, int G,
                             const float* __restrict X, int ldx, const float* __restrict XS,
                             float* __restrict Y, int ldy, int ncols) {
-    constexpr int B = 8 * BITS;
+    constexpr int B = 8 * BITS, NV = sizeof...(V);
+    constexpr int VV[NV] = {V...};
     __m256 y[MR][NV];
     for (int r = 0; r < MR; ++r)
         for (int v = 0; v < NV; ++v) y[r][v] = _mm256_setzero_ps();
@@ -178,60 +194,70 @@ static void block_rows_avx2(const uint8_t* __restrict Wb, const float* __restric
             for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_ps();
         const uint8_t* p = Wb + (size_t)k0 * B;
         for (int k = k0; k < k1; ++k, p += B) {
-            __m256 xv[MR];
-            for (int r = 0; r < MR; ++r) xv[r] = _mm256_set1_ps(X[(size_t)r * ldx + k]);
-            fma_row<BITS, MR, V0, NV>(p, xv, acc, std::make_integer_sequence<int, NV>{});
+            fma_row<BITS, MR, NV>(p, X + k, ldx, acc, std::integer_sequence<int, V...>{},
+                                  std::make_integer_sequence<int, NV>{});
         }
-        const float* s = Sb + (size_t)g * 64 + 8 * V0;
-        const float* sz = SZb + (size_t)g * 64 + 8 * V0;
+        const float* s = Sb + (size_t)g * 64;
+        const float* sz = SZb + (size_t)g * 64;
         for (int v = 0; v < NV; ++v) {
-            const __m256 sv = _mm256_loadu_ps(s + 8 * v), szv = _mm256_loadu_ps(sz + 8 * v);
+            const __m256 sv = _mm256_loadu_ps(s + 8 * VV[v]), szv = _mm256_loadu_ps(sz + 8 * VV[v]);
             for (int r = 0; r < MR; ++r)
                 y[r][v] = _mm256_fnmadd_ps(szv, _mm256_set1_ps(XS[(size_t)r * G + g]),
                                            _mm256_fmadd_ps(sv, acc[r][v], y[r][v]));
         }
     }
-    const int nc = ncols - 8 * V0;  // columns of this slice that exist (the last block is ragged)
-    if (nc <= 0) return;
-    for (int r = 0; r < MR; ++r) {
-        float tmp[8 * NV];
-        for (int v = 0; v < NV; ++v) _mm256_storeu_ps(tmp + 8 * v, y[r][v]);
-        memcpy(Y + (size_t)r * ldy + 8 * V0, tmp, sizeof(float) * (nc < 8 * NV ? nc : 8 * NV));
+    for (int v = 0; v < NV; ++v) {
+        const int nc = ncols - 8 * VV[v];  // columns of this vector that exist (ragged last block)
+        if (nc <= 0) continue;
+        for (int r = 0; r < MR; ++r) {
+            float* o = Y + (size_t)r * ldy + 8 * VV[v];
+            if (nc >= 8) {
+                _mm256_storeu_ps(o, y[r][v]);
+            } else {
+                float tmp[8];
+                _mm256_storeu_ps(tmp, y[r][v]);
+                memcpy(o, tmp, sizeof(float) * nc);
+            }
+        }
     }
 }
 
-#ifndef GK_MR2
-// rows per pass of the small-batch AVX2 tile: 2 rows x 4 vectors run without spills; 3 x 4 (12
-// accumulators + 3 broadcasts + the decoded vector) spilled and was 1.5x slower per row
-#define GK_MR2 2
+#ifndef GK_MR_AVX2
+#define GK_MR_AVX2 6
 #endif
-
-// rows [0, M) of x against block j: one row at a time over the whole block for M = 1; else
-// GK_MR2 rows at a time over each half block (a half's codes stay in L1 across row tiles)
+// rows [0, M) of x against block j. Full tiles of 4 rows go over each pair of vectors (a pair's
+// codes stay in L1 across the row tiles of a block); the 1-3 rows left take the tile with the
+// most accumulators that fits: 1 row x 8 vectors, 2 x 4, 3 x 2 (at M = 2, 2 x 4 was 1.45x faster
+// than 2 x 2 over pairs, which has too few FMA chains to hide their latency).
 template <int BITS>
 static void block_avx2(const uint8_t* Wb, const float* Sb, const float* SZb, const int32_t* seg,
                        int G, const float* X, int K, const float* XS, float* Yb, int N, int M,
                        int ncols) {
-    if (M == 1) {
-        block_rows_avx2<BITS, 1, 0, 8>(Wb, Sb, SZb, seg, G, X, K, XS, Yb, N, ncols);
-        return;
-    }
-#define GK_HALF(H)                                                                                 \
-    {                                                                                              \
+#define GK_ROWS(R, ...)                                                                            \
+    block_rows_avx2<BITS, R, __VA_ARGS__>(Wb, Sb, SZb, seg, G, X + (size_t)m * K, K, XS + (size_t)m * G, \
+                                          Yb + (size_t)m * N, N, ncols)
+    const int m6 = M - M % GK_MR_AVX2, m4 = M - M % GK_MR_AVX2 % 4;
+#define GK_PAIR(V0)                                                                                \
+    if (8 * (V0) < ncols) {                                                                        \
         int m = 0;                                                                                 \
-        for (; m + GK_MR2 <= M; m += GK_MR2)                                                       \
-            block_rows_avx2<BITS, GK_MR2, 4 * (H), 4>(Wb, Sb, SZb, seg, G, X + (size_t)m * K, K,   \
-                                                      XS + (size_t)m * G, Yb + (size_t)m * N, N, ncols); \
-        for (; m + 2 <= M; m += 2)                                                                 \
-            block_rows_avx2<BITS, 2, 4 * (H), 4>(Wb, Sb, SZb, seg, G, X + (size_t)m * K, K,        \
-                                                 XS + (size_t)m * G, Yb + (size_t)m * N, N, ncols); \
-        for (; m < M; ++m)                                                                         \
-            block_rows_avx2<BITS, 1, 4 * (H), 4>(Wb, Sb, SZb, seg, G, X + (size_t)m * K, K,        \
-                                                 XS + (size_t)m * G, Yb + (size_t)m * N, N, ncols); \
+        for (; m < m6; m += GK_MR_AVX2) GK_ROWS(GK_MR_AVX2, V0, V0 + 2);                           \
+        for (; m < m4; m += 4) GK_ROWS(4, V0, V0 + 2);                                             \
     }
-    GK_HALF(0)
-    if (ncols > 32) GK_HALF(1)
-#undef GK_HALF
+    GK_PAIR(0) GK_PAIR(1) GK_PAIR(4) GK_PAIR(5)
+#undef GK_PAIR
+    const int m = m4;
+    switch (M - m4) {
+        case 3:
+            GK_ROWS(3, 0, 2); GK_ROWS(3, 1, 3);
+            if (ncols > 32) { GK_ROWS(3, 4, 6); GK_ROWS(3, 5, 7); }
+            break;
+        case 2:
+            GK_ROWS(2, 0, 1, 2, 3);
+            if (ncols > 32) GK_ROWS(2, 4, 5, 6, 7);
+            break;
+        case 1: GK_ROWS(1, 0, 1, 2, 3, 4, 5, 6, 7); break;
+    }
+#undef GK_ROWS
 }
 #endif
 
@@ -256,24 +282,40 @@ static void gemv_impl(const uint8_t* W, const float* S, const float* SZ, const i
             XS[(size_t)m * G + g] = a;
         }
     constexpr int B = 8 * BITS;
+    // Work items are (block, chunk of rows). Blocks alone left threads idle when a layer has
+    // fewer 64-column blocks than threads (N = 576: 9 blocks) at prefill sizes, so with more
+    // threads than about half the blocks the rows are cut too, in multiples of 12 (whole tiles
+    // of 4 and of 6 rows). Each output element is computed the same way in any split.
+    int nmc = 1;
+    if (nthreads > 1 && 2 * nthreads > nblk) {
+        nmc = (2 * nthreads + nblk - 1) / nblk;
+        const int most = (M + 11) / 12;
+        if (nmc > most) nmc = most;
+    }
+    const int rc = nmc > 1 ? ((M + nmc - 1) / nmc + 11) / 12 * 12 : M;
+    nmc = (M + rc - 1) / rc;
+    const int nitems = nblk * nmc;
     // if(): a single-threaded call (all of a small model's M = 1 layers) never enters the pool
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1) if (nthreads > 1)
-    for (int j = 0; j < nblk; ++j) {
+    for (int it = 0; it < nitems; ++it) {
+        const int j = it / nmc, m0 = (it % nmc) * rc, Mc = (M - m0) < rc ? (M - m0) : rc;
         const uint8_t* Wb = W + (size_t)j * K * B;
         const float* Sb = S + (size_t)j * G * 64;
         const float* SZb = SZ + (size_t)j * G * 64;
         const int ncols = (N - 64 * j) < 64 ? (N - 64 * j) : 64;
-        float* Yb = Y + 64 * (size_t)j;
+        float* Yb = Y + 64 * (size_t)j + (size_t)m0 * N;
+        const float* Xc = X + (size_t)m0 * K;
+        const float* XSc = XS + (size_t)m0 * G;
 #if defined(GK_AVX2)
-        block_avx2<BITS>(Wb, Sb, SZb, seg, G, X, K, XS, Yb, N, M, ncols);
+        block_avx2<BITS>(Wb, Sb, SZb, seg, G, Xc, K, XSc, Yb, N, Mc, ncols);
         continue;
 #endif
         int m = 0;
-        for (; m + GK_MR <= M; m += GK_MR)
-            block_rows<BITS, GK_MR>(Wb, Sb, SZb, seg, G, X + (size_t)m * K, K, XS + (size_t)m * G,
+        for (; m + GK_MR <= Mc; m += GK_MR)
+            block_rows<BITS, GK_MR>(Wb, Sb, SZb, seg, G, Xc + (size_t)m * K, K, XSc + (size_t)m * G,
                                     Yb + (size_t)m * N, N, ncols);
-#define GK_TAIL(R) case R: block_rows<BITS, R>(Wb, Sb, SZb, seg, G, X + (size_t)m * K, K, XS + (size_t)m * G, Yb + (size_t)m * N, N, ncols); break;
-        switch (M - m) {
+#define GK_TAIL(R) case R: block_rows<BITS, R>(Wb, Sb, SZb, seg, G, Xc + (size_t)m * K, K, XSc + (size_t)m * G, Yb + (size_t)m * N, N, ncols); break;
+        switch (Mc - m) {
 #if GK_MR > 5
             GK_TAIL(5)
 #endif
