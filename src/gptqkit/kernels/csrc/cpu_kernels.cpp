@@ -611,7 +611,7 @@ int gk_gemv_dp_layer(const gk_layer* L, const void* X, int xdtype, int nsplit, i
                       nthreads);
 }
 // Dequantize output blocks [blk0, blk0 + nb) of the dot-product layout into out [K, nb*64] fp32
-// (the optional BLAS path): w = S16 * (1 + q/16) - SZ16 = s (q - z). Portable code, any CPU.
+// (the optional BLAS path): w = S16 * (1 + q/16) - SZ16 = s (q - z).
 int gk_dequant_dp(const uint8_t* W, const float* S16, const float* SZ16, const int32_t* gk, int K,
                   int G, int blk0, int nb, float* out, int nthreads) {
     if (K % 8) return -1;
@@ -620,10 +620,26 @@ int gk_dequant_dp(const uint8_t* W, const float* S16, const float* SZ16, const i
     for (int jb = 0; jb < nb; ++jb)
         for (int k = 0; k < K; ++k) {
             const int j = blk0 + jb, o = k >> 3, jj = (k & 7) >> 1, h = k & 1;
-            const uint8_t* p = W + (size_t)j * K * 32 + (size_t)o * 256 + 2 * h + (jj >> 1);
             const float* s = S16 + ((size_t)j * G + gk[k]) * 64;
             const float* sz = SZ16 + ((size_t)j * G + gk[k]) * 64;
             float* dst = out + (size_t)k * ldo + 64 * jb;
+#if GK_HAS_DP
+            // the layout exists only where this kernel was built: 16 columns per 64-byte load,
+            // row k's code at bits [16h + 4jj, +4) of each 32-bit lane (the scalar loop below
+            // reads the same nibbles one byte at a time, ~10x slower)
+            const uint8_t* b = W + (size_t)j * K * 32 + (size_t)o * 256;
+            const __m128i cnt = _mm_cvtsi32_si128(16 * h + 4 * jj);
+            for (int v = 0; v < 4; ++v) {
+                const __m512i q = _mm512_and_si512(_mm512_srl_epi32(_mm512_loadu_si512(b + 64 * v), cnt),
+                                                   _mm512_set1_epi32(15));
+                const __m512 w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(0.0625f),
+                                                  _mm512_set1_ps(1.0f));  // 1 + q/16, exact
+                _mm512_storeu_ps(dst + 16 * v, _mm512_fmsub_ps(_mm512_loadu_ps(s + 16 * v), w1,
+                                                               _mm512_loadu_ps(sz + 16 * v)));
+            }
+            continue;
+#endif
+            const uint8_t* p = W + (size_t)j * K * 32 + (size_t)o * 256 + 2 * h + (jj >> 1);
             for (int c = 0; c < 64; ++c) {
                 const uint8_t b = p[64 * (c >> 4) + 4 * (c & 15)];
                 const int q = (jj & 1) ? (b >> 4) : (b & 15);

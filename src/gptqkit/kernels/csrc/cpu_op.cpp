@@ -100,10 +100,10 @@ at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor
                                 gk.data_ptr<int32_t>(), (int)bits, (int)K, (int)G, (int)b0, (int)cnt,
                                 t.data_ptr<float>(), (int)nt);
             const int64_t n0 = b0 * 64, n1 = std::min(N, (b0 + cnt) * 64);
-            if (n1 - n0 == t.size(1) && nblk == cnt)
-                at::mm_out(y2, xf, t);
-            else
-                y2.narrow(1, n0, n1 - n0).copy_(at::mm(xf, t.narrow(1, 0, n1 - n0)));
+            // straight into y's columns, as cpu.py does: mm writes a row-major column slice in
+            // place (leading dimension N), no temporary and no copy
+            at::Tensor yc = y2.narrow(1, n0, n1 - n0);
+            at::mm_out(yc, xf, t.narrow(1, 0, n1 - n0));
         }
     }
     TORCH_CHECK(rc == 0, "the gptqkit CPU kernel returned error code ", rc,
