@@ -252,7 +252,7 @@ def test_avx2_build_in_subprocess():
 def test_portable_build_in_subprocess():
     """The portable build (-march=x86-64: SSE2 only, the 64-byte GCC vectors lowered to 128-bit
     code, no intrinsics path) reports "generic", runs the same correctness tests, and takes the
-    BLAS path from M = 2 by default (its fused kernel is several times slower than BLAS there)."""
+    BLAS path at every M by default (its fused kernel is slower than BLAS, M = 1 included)."""
     import os
     import subprocess
     import sys
@@ -260,7 +260,7 @@ def test_portable_build_in_subprocess():
     probe = subprocess.run([sys.executable, "-c", "from gptqkit.kernels import cpu; "
                             "print(cpu.isa(), cpu.dp_available(), cpu._default_gemm_min_m())"],
                            env=env, capture_output=True, text=True, timeout=600)
-    assert probe.stdout.split() == ["generic", "False", "2"], probe.stderr[-2000:]
+    assert probe.stdout.split() == ["generic", "False", "1"], probe.stderr[-2000:]
     op_tests = os.path.join(os.path.dirname(__file__), "test_cpu_op.py")
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, op_tests,
                         "-k", "(matches_torch_backend and fma and not gptq_v2) or threshold_paths "

@@ -6,7 +6,7 @@
 * Any batch: the same kernel takes 6 rows of x per pass over a weight block held in L2 (AVX2:
   6 rows x 16 columns), so at M ≥ 64 it runs at the FMA limit, like a BLAS fp32 matmul but
   reading 8x fewer weight bytes; with more threads than blocks the rows are split too. An
-  optional BLAS path (GPTQKIT_CPU_GEMM_MIN_M=<rows>; the default only for the portable build)
+  optional BLAS path (GPTQKIT_CPU_GEMM_MIN_M=<rows>; the default only for portable builds)
   dequantizes tiles of output columns to fp32 (a few MiB at a time, never the whole matrix) and
   calls torch.mm.
 * Builds: AVX-512 (the 64-byte vector code), AVX2+FMA without AVX-512 (its own intrinsics loop on
@@ -325,11 +325,15 @@ def _default_gemm_min_m() -> int:
     vs dequantize + BLAS"). With the AVX-512 and AVX2 builds the fused kernels (FMA and bf16
     dot-product) were faster than dequantize + torch.mm at every M measured, 1 to 512 rows, and
     at least as fast as the dense fp32 matmul: BLAS never runs by default. The portable build
-    (no AVX2, e.g. -march=x86-64) is several times slower fused than BLAS from M = 2 on."""
+    on x86 (-march=x86-64, SSE2) is slower fused than BLAS at every M, M = 1 included (1.3x) and
+    several times from M = 2: BLAS always. Other portable builds (e.g. ARM, not measured) keep
+    the fused kernel for decode, BLAS from M = 2."""
     env = os.environ.get("GPTQKIT_CPU_GEMM_MIN_M")
     if env is not None:
         return int(env) or (1 << 62)
-    return 1 << 62 if isa() in ("avx512", "avx2") else 2
+    if isa() in ("avx512", "avx2"):
+        return 1 << 62
+    return 1 if platform.machine().lower() in ("x86_64", "amd64", "i686", "i386") else 2
 
 
 @dataclass(eq=False)
@@ -387,8 +391,8 @@ class CpuBackend:
     name = "cpu"
     bits_supported = (2, 3, 4, 8)
     # Rows at or above which the BLAS path (tile dequantize + torch.mm) is used, chosen per build
-    # from side-by-side timings (`_default_gemm_min_m`: never on AVX-512 and AVX2 builds, from
-    # M = 2 on the portable build). GPTQKIT_CPU_GEMM_MIN_M overrides it (0: never use BLAS).
+    # from side-by-side timings (`_default_gemm_min_m`: never on AVX-512 and AVX2 builds, always
+    # on the portable x86 build). GPTQKIT_CPU_GEMM_MIN_M overrides it (0: never use BLAS).
     # Read at prepare.
     gemm_min_m: int | None = None
     tile_bytes = 4 << 20  # fp32 bytes of one dequantized tile on the BLAS path
