@@ -323,8 +323,8 @@ def _check(rc: int) -> None:
 def _default_gemm_min_m() -> int:
     """Rows from which the dequantize + BLAS path runs, by build (BENCHMARKS.md, "CPU: fused kernel
     vs dequantize + BLAS"). With the AVX-512 and AVX2 builds the fused kernels (FMA and bf16
-    dot-product) were faster than dequantize + torch.mm at every M measured, 1 to 512 rows, and
-    at least as fast as the dense fp32 matmul: BLAS never runs by default. The portable build
+    dot-product) were faster than dequantize + torch.mm at every M measured, 1 to 512 rows (which
+    costs a dense matmul plus the dequantization): BLAS never runs by default. The portable build
     on x86 (-march=x86-64, SSE2) is slower fused than BLAS at every M, M = 1 included (1.3x) and
     several times from M = 2: BLAS always. Other portable builds (e.g. ARM, not measured) keep
     the fused kernel for decode, BLAS from M = 2."""
