@@ -63,7 +63,7 @@ def test_matches_torch_backend(make_layer, make_pair, relerr, kernel, bits, sym,
     gen = torch.Generator().manual_seed(K + N)
     # fused kernel: 1..8 rows and 40 rows (6-row tiles and every remainder)
     prepare_with(layer, gemm_min_m=1 << 62)
-    for M in (1, 3, 5, 8, 40):
+    for M in (1, 2, 3, 5, 8, 40):
         x = torch.randn(M, K, generator=gen)
         err = relerr(layer(x), ref(x))
         assert err < TOL[torch.float32], (M, err)
@@ -93,6 +93,34 @@ def test_gemm_threshold_paths_agree(make_layer, make_pair, relerr, monkeypatch, 
     y_tiles = prepare_with(layer, gemm_min_m=1, tile_bytes=1)(x)  # one 64-column block per tile
     r = ref(x)
     assert relerr(y_blas, r) < 2e-5 and relerr(y_gemv, r) < 2e-5 and relerr(y_tiles, r) < 2e-5
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_rows_split_across_threads(make_layer, make_pair, relerr, monkeypatch, bits):
+    """With more threads than half the 64-column blocks the fused FMA kernel cuts the rows into
+    chunks too (work items = block x 12-row chunk): every output element is computed the same
+    way, so the result is bit-equal to one thread's, for every tile and remainder (M = 1..13, 50),
+    and within fp32 rounding of a float64 product."""
+    monkeypatch.setattr(cpu.CpuBackend, "use_dp", "0")
+    K, N = 320, 130  # 3 blocks, the last ragged; 2 groups of 128 + a ragged group of 64
+    layer, ref = make_pair(make_layer(K, N, bits, 128, sym=False, fmt="gptq_v2", act_order=True, bias=True,
+                                      seed=bits), "cpu")
+    prepare_with(layer, gemm_min_m=1 << 62)
+    assert not layer.layout.dp and layer.layout.perm is not None
+    gen = torch.Generator().manual_seed(bits)
+    w64 = ref.weight.double().T
+    saved = torch.get_num_threads()
+    try:
+        for M in (*range(1, 14), 50):
+            x = torch.randn(M, K, generator=gen)
+            torch.set_num_threads(1)
+            y1 = layer(x)
+            torch.set_num_threads(4)  # (M*K*N) >> 19 caps it: 3 threads from M = 13 on
+            y4 = layer(x)
+            assert torch.equal(y1, y4), M
+            assert relerr(y1, x.double() @ w64 + ref.bias.double()) < 2e-6, M
+    finally:
+        torch.set_num_threads(saved)
 
 
 def test_auto_choice_and_errors(make_layer):
@@ -213,7 +241,30 @@ def test_avx2_build_in_subprocess():
     # through the custom op (the default) and its bit-equality with the ctypes path
     op_tests = os.path.join(os.path.dirname(__file__), "test_cpu_op.py")
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, op_tests,
-                        "-k", "(matches_torch_backend and fma) or threshold_paths or (bit_equal and fma)"],
+                        "-k", "(matches_torch_backend and fma) or threshold_paths or (bit_equal and fma) "
+                              "or rows_split"],
+                       env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout
+
+
+@pytest.mark.skipif(not cpu.isa().startswith("avx"), reason="the portable build is checked from an x86 machine")
+def test_portable_build_in_subprocess():
+    """The portable build (-march=x86-64: SSE2 only, the 64-byte GCC vectors lowered to 128-bit
+    code, no intrinsics path) reports "generic", runs the same correctness tests, and takes the
+    BLAS path at every M by default (its fused kernel is slower than BLAS, M = 1 included)."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, GPTQKIT_CPU_MARCH="x86-64")
+    probe = subprocess.run([sys.executable, "-c", "from gptqkit.kernels import cpu; "
+                            "print(cpu.isa(), cpu.dp_available(), cpu._default_gemm_min_m())"],
+                           env=env, capture_output=True, text=True, timeout=600)
+    assert probe.stdout.split() == ["generic", "False", "1"], probe.stderr[-2000:]
+    op_tests = os.path.join(os.path.dirname(__file__), "test_cpu_op.py")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, op_tests,
+                        "-k", "(matches_torch_backend and fma and not gptq_v2) or threshold_paths "
+                              "or (bit_equal and fma) or rows_split"],
                        env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert " passed" in r.stdout

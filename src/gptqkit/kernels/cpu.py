@@ -3,10 +3,14 @@
 * Decode (M = 1): one pass over a repacked copy of the 2/3/4/8-bit
   codes; codes are zero-extended and converted in registers and accumulated in fp32, with
   scale and scale·zero applied once per group (w = s·q − s·z). Memory-bound at M = 1.
-* Any batch: the same kernel takes 6 rows of x (4 without AVX-512) per pass over a weight block
-  held in L2, so at M ≥ 64 it runs at the FMA limit, like a BLAS fp32 matmul but reading 8x
-  fewer weight bytes. An optional BLAS path (GPTQKIT_CPU_GEMM_MIN_M=<rows>) dequantizes tiles of
-  output columns to fp32 (a few MiB at a time, never the whole matrix) and calls torch.mm.
+* Any batch: the same kernel takes 6 rows of x per pass over a weight block held in L2 (AVX2:
+  6 rows x 16 columns), so at M ≥ 64 it runs at the FMA limit, like a BLAS fp32 matmul but
+  reading 8x fewer weight bytes; with more threads than blocks the rows are split too. An
+  optional BLAS path (GPTQKIT_CPU_GEMM_MIN_M=<rows>; the default only for portable builds)
+  dequantizes tiles of output columns to fp32 (a few MiB at a time, never the whole matrix) and
+  calls torch.mm.
+* Builds: AVX-512 (the 64-byte vector code), AVX2+FMA without AVX-512 (its own intrinsics loop on
+  8-column vectors, same layout and arithmetic), anything else (portable vector code).
 * Act-order: rows of the weights are permuted once at prepare time so that every group is a
   contiguous run; each call permutes x's columns with one index_select.
 * bf16/fp16 models, 4-bit (and 3-bit, held as 4-bit nibbles): an AVX-512 BF16 dot-product
@@ -317,10 +321,19 @@ def _check(rc: int) -> None:
 
 @functools.lru_cache(maxsize=None)
 def _default_gemm_min_m() -> int:
+    """Rows from which the dequantize + BLAS path runs, by build (BENCHMARKS.md, "CPU: fused kernel
+    vs dequantize + BLAS"). With the AVX-512 and AVX2 builds the fused kernels (FMA and bf16
+    dot-product) were faster than dequantize + torch.mm at every M measured, 1 to 512 rows (which
+    costs a dense matmul plus the dequantization): BLAS never runs by default. The portable build
+    on x86 (-march=x86-64, SSE2) is slower fused than BLAS at every M, M = 1 included (1.3x) and
+    several times from M = 2: BLAS always. Other portable builds (e.g. ARM, not measured) keep
+    the fused kernel for decode, BLAS from M = 2."""
     env = os.environ.get("GPTQKIT_CPU_GEMM_MIN_M")
     if env is not None:
         return int(env) or (1 << 62)
-    return 32 if isa() == "avx512" else 2
+    if isa() in ("avx512", "avx2"):
+        return 1 << 62
+    return 1 if platform.machine().lower() in ("x86_64", "amd64", "i686", "i386") else 2
 
 
 @dataclass(eq=False)
@@ -378,9 +391,9 @@ class CpuBackend:
     name = "cpu"
     bits_supported = (2, 3, 4, 8)
     # Rows at or above which the BLAS path (tile dequantize + torch.mm) is used, chosen per build
-    # from side-by-side timings (BENCHMARKS.md, "CPU: fused kernel vs dequantize + BLAS"): the
-    # AVX2 build of the fused kernel loses to dequantize + BLAS from M = 2 on, the AVX-512 build
-    # from about M = 32. GPTQKIT_CPU_GEMM_MIN_M overrides it (0: never use BLAS). Read at prepare.
+    # from side-by-side timings (`_default_gemm_min_m`: never on AVX-512 and AVX2 builds, always
+    # on the portable x86 build). GPTQKIT_CPU_GEMM_MIN_M overrides it (0: never use BLAS).
+    # Read at prepare.
     gemm_min_m: int | None = None
     tile_bytes = 4 << 20  # fp32 bytes of one dequantized tile on the BLAS path
     # The AVX-512 BF16 dot-product kernel for 4-bit layers: "auto" uses it for bf16/fp16 models
@@ -484,9 +497,12 @@ class CpuBackend:
             x2 = x2.to(torch.float32)
         x2 = x2.contiguous()
         M = x2.shape[0]
-        # torch's thread count, but no more than one thread per ~0.5 M multiply-adds: on tiny
-        # layers waking a second thread costs more than it saves
-        nt = max(1, min(torch.get_num_threads(), (M * K * N) >> 19, L.nblk))
+        # torch's thread count, but no more than one thread per ~0.5 M multiply-adds (on tiny
+        # layers waking a second thread costs more than it saves) and per work item of the
+        # kernel: a 64-column block, times chunks of 12 rows for the FMA kernel (csrc/cpu_op.cpp
+        # has the same rule)
+        items = L.nblk if L.dp else L.nblk * max(1, -(-M // 12))
+        nt = max(1, min(torch.get_num_threads(), (M * K * N) >> 19, items))
         G = L.seg.numel() - 1
         if M < L.gemm_min_m:
             y = torch.empty(M, N, dtype=torch.float32)
@@ -522,10 +538,9 @@ class CpuBackend:
                                     L.bits, K, G, b0, cnt, t.data_ptr(), nt)
             _check(rc)
             n0, n1 = b0 * BLOCK, min(N, (b0 + cnt) * BLOCK)
-            if n1 - n0 == t.shape[1] and nblk == cnt:
-                torch.mm(x2, t, out=y)
-            else:
-                y[:, n0:n1] = torch.mm(x2, t[:, : n1 - n0])
+            # straight into y's columns: torch's mm writes a row-major column slice in place
+            # (its leading dimension is N), no temporary and no copy
+            torch.mm(x2, t[:, : n1 - n0], out=y[:, n0:n1])
         return y
 
 

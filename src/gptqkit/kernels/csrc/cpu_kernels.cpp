@@ -1,5 +1,6 @@
 // gptqkit CPU kernels: fused dequantize-GEMV/GEMM for 2/4/8-bit GPTQ weights, and a tiled
-// dequantizer for the BLAS path. Built at first use by gptqkit/kernels/cpu.py with
+// dequantizer for the BLAS path. Three codegen paths over one layout: AVX-512 (64-byte GCC
+// vectors), AVX2+FMA (intrinsics on 8-column vectors, below the generic code) and portable. Built at first use by gptqkit/kernels/cpu.py with
 // `g++ -O3 -march=native -fopenmp -shared` and loaded with ctypes (no torch headers, no ninja).
 //
 // Repacked layout (built once by cpu.py at prepare time; the checkpoint itself is untouched):
@@ -19,6 +20,7 @@
 #include <string.h>
 #include <stdlib.h>
 #include <omp.h>
+#include <utility>
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -123,8 +125,148 @@ static void block_rows(const uint8_t* __restrict Wb, const float* __restrict Sb,
     }
 }
 
-// rows of x per pass over a weight block: 4 rows x 4 vectors = 16 accumulators fit AVX2's and
-// AVX-512's register files; with 32 vector registers (AVX-512) 6 rows amortize decoding better
+// ---------------------------------------------------------------------------------------------
+// AVX2 + FMA (no AVX-512): the generic code above is written with 64-byte GCC vectors, which GCC
+// splits into pairs of 256-bit halves through the stack on AVX2, and the 6-row tile of 4 such
+// vectors needs 48 ymm registers of 16: the AVX2 build ran 4-6x slower than the AVX-512 one and
+// slower than dense fp32 at M = 1. So AVX2 gets its own loop on 8-column vectors, with the same
+// layout and the same arithmetic (codes zero-extended and converted in registers, fp32
+// accumulation per group, w = s*q - s*z applied once per group and column).
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#define GK_AVX2 1
+// Columns 8V..8V+7 of a 64-column block, for one row: the layout puts column 16*(per*h+i)+lane at
+// byte 16*h+lane, bits [BITS*i, +BITS), so they are 8 consecutive bytes (chunk c = 2h + V%2),
+// one field each. Chunks shared by two vectors are loaded and zero-extended once (CSE).
+template <int BITS, int V>
+static inline __m256 dec8(const uint8_t* p) {
+    constexpr int per = 8 / BITS, pair = V / 2, h = pair / per, i = pair % per, c = 2 * h + (V & 1);
+    __m256i t = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p + 8 * c)));
+    if constexpr (BITS * i > 0) t = _mm256_srli_epi32(t, BITS * i);
+    if constexpr (BITS * (i + 1) < 8) t = _mm256_and_si256(t, _mm256_set1_epi32((1 << BITS) - 1));
+    return _mm256_cvtepi32_ps(t);
+}
+
+// One row of codes times MR rows of x into acc[r][I] (I-th of the vectors V...). Up to 4 rows:
+// the broadcasts of x are held and each vector is decoded right before its FMAs, in source
+// order (GCC does not schedule before register allocation on x86), so one decoded vector is
+// live at a time: decoding all 8 first spilled two accumulators of the M = 1 loop to the
+// stack, and the store/reload bounded the loop.
+template <int BITS, int MR, int NV, int... V, int... I>
+static inline void fma_row(const uint8_t* p, const float* x, int ldx, __m256 (*acc)[NV],
+                           std::integer_sequence<int, V...>, std::integer_sequence<int, I...>) {
+    if constexpr (MR > 4) {
+        // many rows, few vectors: decode the NV vectors, then one broadcast of x per row used by
+        // NV FMAs at once, so only one broadcast is live (6 x 2 accumulators fit)
+        __m256 w[NV];
+        ((w[I] = dec8<BITS, V>(p)), ...);
+        for (int r = 0; r < MR; ++r) {
+            const __m256 xv = _mm256_set1_ps(x[(size_t)r * ldx]);
+            ((acc[r][I] = _mm256_fmadd_ps(w[I], xv, acc[r][I])), ...);
+        }
+    } else {
+        __m256 xv[MR];
+        for (int r = 0; r < MR; ++r) xv[r] = _mm256_set1_ps(x[(size_t)r * ldx]);
+        ([&] {
+            const __m256 w = dec8<BITS, V>(p);
+            for (int r = 0; r < MR; ++r) acc[r][I] = _mm256_fmadd_ps(w, xv[r], acc[r][I]);
+        }(), ...);
+    }
+}
+
+// MR rows of x against the 8-column vectors V... of one 64-column block. The accumulators, the
+// live broadcasts of x and the decoded vectors must fit 16 ymm registers: (1 row, all 8
+// vectors) for decode, where 8 independent FMA chains cover the FMA latency; (6 rows, 2
+// vectors) for batches, the 2 vectors being the two fields of one 8-byte chunk for 4-bit codes
+// (V, V+2), so that one zero-extend serves 12 FMAs (~10% faster than 4 x 2 and 1.5x faster
+// per row than 2 x 4 at M >= 12, 1 thread; 3 x 4 spilled).
+template <int BITS, int MR, int... V>
+static void block_rows_avx2(const uint8_t* __restrict Wb, const float* __restrict Sb,
+                            const float* __restrict SZb, const int32_t* __restrict seg, int G,
+                            const float* __restrict X, int ldx, const float* __restrict XS,
+                            float* __restrict Y, int ldy, int ncols) {
+    constexpr int B = 8 * BITS, NV = sizeof...(V);
+    constexpr int VV[NV] = {V...};
+    __m256 y[MR][NV];
+    for (int r = 0; r < MR; ++r)
+        for (int v = 0; v < NV; ++v) y[r][v] = _mm256_setzero_ps();
+    for (int g = 0; g < G; ++g) {
+        const int k0 = seg[g], k1 = seg[g + 1];
+        if (k0 == k1) continue;
+        __m256 acc[MR][NV];
+        for (int r = 0; r < MR; ++r)
+            for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_ps();
+        const uint8_t* p = Wb + (size_t)k0 * B;
+        for (int k = k0; k < k1; ++k, p += B) {
+            fma_row<BITS, MR, NV>(p, X + k, ldx, acc, std::integer_sequence<int, V...>{},
+                                  std::make_integer_sequence<int, NV>{});
+        }
+        const float* s = Sb + (size_t)g * 64;
+        const float* sz = SZb + (size_t)g * 64;
+        for (int v = 0; v < NV; ++v) {
+            const __m256 sv = _mm256_loadu_ps(s + 8 * VV[v]), szv = _mm256_loadu_ps(sz + 8 * VV[v]);
+            for (int r = 0; r < MR; ++r)
+                y[r][v] = _mm256_fnmadd_ps(szv, _mm256_set1_ps(XS[(size_t)r * G + g]),
+                                           _mm256_fmadd_ps(sv, acc[r][v], y[r][v]));
+        }
+    }
+    for (int v = 0; v < NV; ++v) {
+        const int nc = ncols - 8 * VV[v];  // columns of this vector that exist (ragged last block)
+        if (nc <= 0) continue;
+        for (int r = 0; r < MR; ++r) {
+            float* o = Y + (size_t)r * ldy + 8 * VV[v];
+            if (nc >= 8) {
+                _mm256_storeu_ps(o, y[r][v]);
+            } else {
+                float tmp[8];
+                _mm256_storeu_ps(tmp, y[r][v]);
+                memcpy(o, tmp, sizeof(float) * nc);
+            }
+        }
+    }
+}
+
+#ifndef GK_MR_AVX2
+#define GK_MR_AVX2 6
+#endif
+// rows [0, M) of x against block j. Full tiles of 6 rows, then of 4, go over each pair of vectors
+// (a pair's codes stay in L1 across the row tiles of a block); the 1-3 rows left take the tile
+// with the most accumulators that fits: 1 row x 8 vectors, 2 x 4, 3 x 2 (at M = 2, 2 x 4 was
+// 1.45x faster than 2 x 2 over pairs, which has too few FMA chains to hide their latency).
+template <int BITS>
+static void block_avx2(const uint8_t* Wb, const float* Sb, const float* SZb, const int32_t* seg,
+                       int G, const float* X, int K, const float* XS, float* Yb, int N, int M,
+                       int ncols) {
+#define GK_ROWS(R, ...)                                                                            \
+    block_rows_avx2<BITS, R, __VA_ARGS__>(Wb, Sb, SZb, seg, G, X + (size_t)m * K, K, XS + (size_t)m * G, \
+                                          Yb + (size_t)m * N, N, ncols)
+    const int m6 = M - M % GK_MR_AVX2, m4 = M - M % GK_MR_AVX2 % 4;
+#define GK_PAIR(V0)                                                                                \
+    if (8 * (V0) < ncols) {                                                                        \
+        int m = 0;                                                                                 \
+        for (; m < m6; m += GK_MR_AVX2) GK_ROWS(GK_MR_AVX2, V0, V0 + 2);                           \
+        for (; m < m4; m += 4) GK_ROWS(4, V0, V0 + 2);                                             \
+    }
+    GK_PAIR(0) GK_PAIR(1) GK_PAIR(4) GK_PAIR(5)
+#undef GK_PAIR
+    const int m = m4;
+    switch (M - m4) {
+        case 3:
+            GK_ROWS(3, 0, 2); GK_ROWS(3, 1, 3);
+            if (ncols > 32) { GK_ROWS(3, 4, 6); GK_ROWS(3, 5, 7); }
+            break;
+        case 2:
+            GK_ROWS(2, 0, 1, 2, 3);
+            if (ncols > 32) GK_ROWS(2, 4, 5, 6, 7);
+            break;
+        case 1: GK_ROWS(1, 0, 1, 2, 3, 4, 5, 6, 7); break;
+    }
+#undef GK_ROWS
+}
+#endif
+
+// rows of x per pass over a weight block (generic code: AVX-512 and the portable build; AVX2
+// has its own tiles above): with 32 vector registers (AVX-512) 6 rows x 4 vectors amortize
+// decoding; 4 rows otherwise
 #if defined(__AVX512F__)
 #define GK_MR 6
 #else
@@ -144,20 +286,40 @@ static void gemv_impl(const uint8_t* W, const float* S, const float* SZ, const i
             XS[(size_t)m * G + g] = a;
         }
     constexpr int B = 8 * BITS;
+    // Work items are (block, chunk of rows). Blocks alone left threads idle when a layer has
+    // fewer 64-column blocks than threads (N = 576: 9 blocks) at prefill sizes, so with more
+    // threads than about half the blocks the rows are cut too, in multiples of 12 (whole tiles
+    // of 4 and of 6 rows). Each output element is computed the same way in any split.
+    int nmc = 1;
+    if (nthreads > 1 && 2 * nthreads > nblk) {
+        nmc = (2 * nthreads + nblk - 1) / nblk;
+        const int most = (M + 11) / 12;
+        if (nmc > most) nmc = most;
+    }
+    const int rc = nmc > 1 ? ((M + nmc - 1) / nmc + 11) / 12 * 12 : M;
+    nmc = (M + rc - 1) / rc;
+    const int nitems = nblk * nmc;
     // if(): a single-threaded call (all of a small model's M = 1 layers) never enters the pool
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1) if (nthreads > 1)
-    for (int j = 0; j < nblk; ++j) {
+    for (int it = 0; it < nitems; ++it) {
+        const int j = it / nmc, m0 = (it % nmc) * rc, Mc = (M - m0) < rc ? (M - m0) : rc;
         const uint8_t* Wb = W + (size_t)j * K * B;
         const float* Sb = S + (size_t)j * G * 64;
         const float* SZb = SZ + (size_t)j * G * 64;
         const int ncols = (N - 64 * j) < 64 ? (N - 64 * j) : 64;
-        float* Yb = Y + 64 * (size_t)j;
+        float* Yb = Y + 64 * (size_t)j + (size_t)m0 * N;
+        const float* Xc = X + (size_t)m0 * K;
+        const float* XSc = XS + (size_t)m0 * G;
+#if defined(GK_AVX2)
+        block_avx2<BITS>(Wb, Sb, SZb, seg, G, Xc, K, XSc, Yb, N, Mc, ncols);
+        continue;
+#endif
         int m = 0;
-        for (; m + GK_MR <= M; m += GK_MR)
-            block_rows<BITS, GK_MR>(Wb, Sb, SZb, seg, G, X + (size_t)m * K, K, XS + (size_t)m * G,
+        for (; m + GK_MR <= Mc; m += GK_MR)
+            block_rows<BITS, GK_MR>(Wb, Sb, SZb, seg, G, Xc + (size_t)m * K, K, XSc + (size_t)m * G,
                                     Yb + (size_t)m * N, N, ncols);
-#define GK_TAIL(R) case R: block_rows<BITS, R>(Wb, Sb, SZb, seg, G, X + (size_t)m * K, K, XS + (size_t)m * G, Yb + (size_t)m * N, N, ncols); break;
-        switch (M - m) {
+#define GK_TAIL(R) case R: block_rows<BITS, R>(Wb, Sb, SZb, seg, G, Xc + (size_t)m * K, K, XSc + (size_t)m * G, Yb + (size_t)m * N, N, ncols); break;
+        switch (Mc - m) {
 #if GK_MR > 5
             GK_TAIL(5)
 #endif
@@ -172,6 +334,16 @@ static void gemv_impl(const uint8_t* W, const float* S, const float* SZ, const i
     }
     if (XS != xs_stack) free(XS);
 }
+
+#if defined(GK_AVX2)
+// one row of a block's codes -> 64 fp32 weights s*q - s*z (the BLAS path's dequantizer on AVX2)
+template <int BITS, int... I>
+static inline void dequant_row_avx2(const uint8_t* p, const float* s, const float* sz, float* o,
+                                    std::integer_sequence<int, I...>) {
+    ((_mm256_storeu_ps(o + 8 * I, _mm256_fmsub_ps(_mm256_loadu_ps(s + 8 * I), dec8<BITS, I>(p),
+                                                  _mm256_loadu_ps(sz + 8 * I)))), ...);
+}
+#endif
 
 template <int BITS>
 static void dequant_impl(const uint8_t* W, const float* S, const float* SZ, const int32_t* gk,
@@ -189,12 +361,16 @@ static void dequant_impl(const uint8_t* W, const float* S, const float* SZ, cons
             const float* SZb = SZ + (size_t)j * G * 64;
             const int k1 = (kc + 1) * KC < K ? (kc + 1) * KC : K;
             for (int k = kc * KC; k < k1; ++k) {
-                v16f w[4];
-                decode<BITS>(Wb + (size_t)k * B, w);
                 const float* s = Sb + (size_t)gk[k] * 64;
                 const float* sz = SZb + (size_t)gk[k] * 64;
                 float* o = out + (size_t)k * ldo + 64 * jb;
+#if defined(GK_AVX2)
+                dequant_row_avx2<BITS>(Wb + (size_t)k * B, s, sz, o, std::make_integer_sequence<int, 8>{});
+#else
+                v16f w[4];
+                decode<BITS>(Wb + (size_t)k * B, w);
                 for (int v = 0; v < 4; ++v) storef(o + 16 * v, loadf(s + 16 * v) * w[v] - loadf(sz + 16 * v));
+#endif
             }
         }
 }
@@ -439,7 +615,7 @@ int gk_gemv_dp_layer(const gk_layer* L, const void* X, int xdtype, int nsplit, i
                       nthreads);
 }
 // Dequantize output blocks [blk0, blk0 + nb) of the dot-product layout into out [K, nb*64] fp32
-// (the optional BLAS path): w = S16 * (1 + q/16) - SZ16 = s (q - z). Portable code, any CPU.
+// (the optional BLAS path): w = S16 * (1 + q/16) - SZ16 = s (q - z).
 int gk_dequant_dp(const uint8_t* W, const float* S16, const float* SZ16, const int32_t* gk, int K,
                   int G, int blk0, int nb, float* out, int nthreads) {
     if (K % 8) return -1;
@@ -448,10 +624,26 @@ int gk_dequant_dp(const uint8_t* W, const float* S16, const float* SZ16, const i
     for (int jb = 0; jb < nb; ++jb)
         for (int k = 0; k < K; ++k) {
             const int j = blk0 + jb, o = k >> 3, jj = (k & 7) >> 1, h = k & 1;
-            const uint8_t* p = W + (size_t)j * K * 32 + (size_t)o * 256 + 2 * h + (jj >> 1);
             const float* s = S16 + ((size_t)j * G + gk[k]) * 64;
             const float* sz = SZ16 + ((size_t)j * G + gk[k]) * 64;
             float* dst = out + (size_t)k * ldo + 64 * jb;
+#if GK_HAS_DP
+            // the layout exists only where this kernel was built: 16 columns per 64-byte load,
+            // row k's code at bits [16h + 4jj, +4) of each 32-bit lane (the scalar loop below
+            // reads the same nibbles one byte at a time, ~10x slower)
+            const uint8_t* b = W + (size_t)j * K * 32 + (size_t)o * 256;
+            const __m128i cnt = _mm_cvtsi32_si128(16 * h + 4 * jj);
+            for (int v = 0; v < 4; ++v) {
+                const __m512i q = _mm512_and_si512(_mm512_srl_epi32(_mm512_loadu_si512(b + 64 * v), cnt),
+                                                   _mm512_set1_epi32(15));
+                const __m512 w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(0.0625f),
+                                                  _mm512_set1_ps(1.0f));  // 1 + q/16, exact
+                _mm512_storeu_ps(dst + 16 * v, _mm512_fmsub_ps(_mm512_loadu_ps(s + 16 * v), w1,
+                                                               _mm512_loadu_ps(sz + 16 * v)));
+            }
+            continue;
+#endif
+            const uint8_t* p = W + (size_t)j * K * 32 + (size_t)o * 256 + 2 * h + (jj >> 1);
             for (int c = 0; c < 64; ++c) {
                 const uint8_t b = p[64 * (c >> 4) + 4 * (c & 15)];
                 const int q = (jj & 1) ? (b >> 4) : (b & 15);

@@ -28,10 +28,11 @@ namespace {
 
 // cpu.py's thread rule: torch's thread count, but no more than one thread per ~0.5 M
 // multiply-adds (waking a second thread costs more than it saves on tiny layers), and no more
-// than one per 64-column block.
-int64_t threads_for(int64_t M, int64_t K, int64_t N, int64_t nblk) {
+// than one per work item of the kernel: a 64-column block (dot-product kernel), or a block and
+// a chunk of 12 rows (FMA kernel, which also splits rows when blocks are fewer than threads).
+int64_t threads_for(int64_t M, int64_t K, int64_t N, int64_t nblk, bool dp) {
     int64_t nt = std::min<int64_t>(at::get_num_threads(), (M * K * N) >> 19);
-    nt = std::min(nt, nblk);
+    nt = std::min(nt, dp ? nblk : nblk * std::max<int64_t>(1, (M + 11) / 12));
     return std::max<int64_t>(1, nt);
 }
 
@@ -55,7 +56,7 @@ at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor
     if (perm.has_value()) x2 = x.reshape({-1, K}).index_select(1, *perm);
     else if (!x.is_contiguous()) x2 = x.contiguous();
     const int64_t M = K ? x2.numel() / K : 0;
-    const int64_t nt = threads_for(M, K, N, nblk);
+    const int64_t nt = threads_for(M, K, N, nblk, dp != 0);
     // y in x's leading shape (its memory is [M, N] row-major either way), fp32
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
     shape.back() = N;
@@ -99,10 +100,10 @@ at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor
                                 gk.data_ptr<int32_t>(), (int)bits, (int)K, (int)G, (int)b0, (int)cnt,
                                 t.data_ptr<float>(), (int)nt);
             const int64_t n0 = b0 * 64, n1 = std::min(N, (b0 + cnt) * 64);
-            if (n1 - n0 == t.size(1) && nblk == cnt)
-                at::mm_out(y2, xf, t);
-            else
-                y2.narrow(1, n0, n1 - n0).copy_(at::mm(xf, t.narrow(1, 0, n1 - n0)));
+            // straight into y's columns, as cpu.py does: mm writes a row-major column slice in
+            // place (leading dimension N), no temporary and no copy
+            at::Tensor yc = y2.narrow(1, n0, n1 - n0);
+            at::mm_out(yc, xf, t.narrow(1, 0, n1 - n0));
         }
     }
     TORCH_CHECK(rc == 0, "the gptqkit CPU kernel returned error code ", rc,
