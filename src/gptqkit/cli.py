@@ -42,6 +42,8 @@ def _load_any(path: str, backend: str | None, device: str):
         model = load(p, backend=backend, device=device)
     else:
         model = _load_float(p).to(device)
+        from .models.kv_cache import use_growing_cache
+        use_growing_cache(model)  # as gptqkit.load does for quantized models
     return model, load_tokenizer(p)
 
 

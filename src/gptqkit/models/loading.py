@@ -184,6 +184,8 @@ def load_quantized(path: str | Path, *, backend: str | None = None, device: str 
     model.config.quantization_config = qcfg.to_dict()
     model._gptqkit_source = path
     model.save = types.MethodType(save_quantized, model)
+    from .kv_cache import use_growing_cache
+    use_growing_cache(model)  # generate(): a KV cache that appends without copying the whole cache
     return model
 
 
