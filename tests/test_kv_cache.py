@@ -132,6 +132,19 @@ def test_beam_search_and_crop(tmp_path, small_steps):
     assert torch.equal(res["dyn"], res["grow"])
 
 
+def test_inference_mode_then_outside():
+    """A cache filled under inference_mode and continued under no_grad (in-place writes into an
+    inference tensor are refused there): the layer moves to a new buffer, same contents."""
+    from gptqkit.models.kv_cache import GrowingLayer
+    layer = GrowingLayer(capacity=16)
+    a, b = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 1, 4)
+    with torch.inference_mode():
+        layer.update(a, a)
+    with torch.no_grad():
+        keys, values = layer.update(b, b)
+    assert torch.equal(keys, torch.cat([a, b], -2)) and torch.equal(values, keys)
+
+
 def test_gradients_fall_back_to_cat(tmp_path):
     from gptqkit.models.kv_cache import GrowingLayer
     layer = GrowingLayer(capacity=8)

@@ -58,6 +58,8 @@ class GrowingLayer(DynamicLayer):
             return False
         if k.data_ptr() != kb.data_ptr() or v.data_ptr() != vb.data_ptr():
             return False
+        if kb.is_inference() and not torch.is_inference_mode_enabled():
+            return False  # filled under inference_mode, continued outside: in-place writes are refused
         # same storage start: a view of the buffer's first tokens (as handed out, or cropped) iff
         # the strides are the buffer's and the leading shapes match
         return (k.stride() == kb.stride() and v.stride() == vb.stride()
@@ -115,7 +117,7 @@ class GrowingCache(DynamicCache):
     first update, e.g. prompt length + max_new_tokens (None: what the first update needs; the
     buffers grow by doubling either way). Usable wherever a DynamicCache is:
     `model.generate(..., cache=GrowingCache(config=model.config, capacity=n))` or a model forward's
-    `cache=` (transformers < 5.? spell it `past_key_values=`)."""
+    `cache=` (`past_key_values=` in older transformers)."""
 
     def __init__(self, config=None, capacity: int | None = None, **kwargs):
         super().__init__(config=config, **kwargs)
