@@ -42,6 +42,8 @@ def _load_any(path: str, backend: str | None, device: str):
         model = load(p, backend=backend, device=device)
     else:
         model = _load_float(p).to(device)
+        from .models.kv_cache import use_growing_cache
+        use_growing_cache(model)  # as gptqkit.load does for quantized models
     return model, load_tokenizer(p)
 
 
@@ -168,6 +170,9 @@ def cmd_quantize(a) -> int:
         for key, loader in (("before", lambda: _load_float(model_path).to(device)),
                             ("after", lambda: load(out, backend=a.backend, device=device))):
             t0 = time.perf_counter()
+            if key == "before":  # the text tokenized once (in "before"'s time), scored twice
+                from .eval.perplexity import eval_ids
+                eval_src = eval_ids(tok, eval_src)
             m = loader()
             result[f"ppl_{key}"] = _eval_ppl(m, tok, eval_src, a.eval_seqlen, a.max_windows, not a.json)
             del m

@@ -51,6 +51,17 @@ def _logits_of(out: Any) -> torch.Tensor:
     return logits
 
 
+def eval_ids(tokenizer: Any, source: Union[TextSource, torch.Tensor]) -> torch.Tensor:
+    """The 1-D token ids `perplexity` scores for `source` (a tensor of ids is taken as is). Callers
+    that evaluate several models on one text tokenize it once with this and pass the ids."""
+    if isinstance(source, torch.Tensor):
+        return source.reshape(-1).long()
+    if isinstance(source, str) and source.lower() in EVAL_SPLIT_OF:
+        logger.info("Evaluating on %s, the evaluation split of %s", EVAL_SPLIT_OF[source.lower()], source)
+        source = EVAL_SPLIT_OF[source.lower()]
+    return tokenize_text(tokenizer, load_text(source))
+
+
 def perplexity(
     model: Any,
     tokenizer: Any,
@@ -79,14 +90,7 @@ def perplexity(
         raise CalibrationError(f"seqlen must be at least 2 to predict anything, got {seqlen}.")
     if batch_size < 1:
         raise CalibrationError(f"batch_size must be positive, got {batch_size}.")
-    if isinstance(source, torch.Tensor):
-        ids = source.reshape(-1).long()
-    else:
-        if isinstance(source, str) and source.lower() in EVAL_SPLIT_OF:
-            logger.info("Evaluating on %s, the evaluation split of %s",
-                        EVAL_SPLIT_OF[source.lower()], source)
-            source = EVAL_SPLIT_OF[source.lower()]
-        ids = tokenize_text(tokenizer, load_text(source))
+    ids = eval_ids(tokenizer, source)
     nwin = ids.numel() // seqlen
     if max_windows is not None:
         nwin = min(nwin, int(max_windows))

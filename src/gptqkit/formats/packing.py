@@ -57,10 +57,18 @@ def pack(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
 def unpack(words: torch.Tensor, bits: int, dim: int, n: int) -> torch.Tensor:
     """Inverse of `pack`: int32 words along `dim` -> `n` unsigned ints (int32) along `dim`."""
     _check_bits(bits)
-    w = words.movedim(dim, 0).to(torch.int64) & _MASK32
-    nw = w.shape[0]
+    nw = words.shape[dim]
     if nw * 32 // bits < n:  # check before the zero padding below invents the missing words
         raise ValueError(f"{nw} words of {bits} bits hold fewer than {n} values")
+    if bits != 3:  # every value inside one word: one shift-and-mask over all words at once
+        per = 32 // bits
+        w = words.movedim(dim, 0).to(torch.int32)
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=w.device).view(1, per, *[1] * (w.dim() - 1))
+        # arithmetic shifts of negative words fill with ones above bit 31 - s; the mask drops them
+        out = w.unsqueeze(1) >> shifts
+        out &= (1 << bits) - 1
+        return out.reshape(nw * per, *w.shape[1:])[:n].movedim(0, dim).contiguous()
+    w = words.movedim(dim, 0).to(torch.int64) & _MASK32
     ngroups = -(-nw // bits)
     if ngroups * bits != nw:
         w = torch.cat([w, w.new_zeros((ngroups * bits - nw, *w.shape[1:]))])

@@ -243,14 +243,19 @@ def repack(q: torch.Tensor, bits: int) -> torch.Tensor:
     """q [K, N] codes (any int dtype) -> uint8 [nblk, K, 8·bits] in the kernel's block layout."""
     K, N = q.shape
     nblk = -(-N // BLOCK)
-    qp = torch.zeros(K, nblk * BLOCK, dtype=torch.int32)
-    qp[:, :N] = q.to(torch.int32)
+    # in uint8 throughout (codes < 2^bits <= 256; shifted codes stay inside their byte): a quarter
+    # of the memory traffic of int32, which dominated load time (BENCHMARKS.md, "after" pass)
+    if N == nblk * BLOCK:
+        qp = q.to(torch.uint8)
+    else:
+        qp = torch.zeros(K, nblk * BLOCK, dtype=torch.uint8)
+        qp[:, :N] = q
     per = 8 // bits
     qp = qp.reshape(K, nblk, 4 // per, per, 16)        # column 16·(per·h + i) + lane
-    byte = torch.zeros(K, nblk, 4 // per, 16, dtype=torch.int32)
-    for i in range(per):
+    byte = qp[:, :, :, 0, :].clone()                    # a new tensor, never q's memory
+    for i in range(1, per):
         byte |= qp[:, :, :, i, :] << (bits * i)
-    return byte.reshape(K, nblk, 8 * bits).permute(1, 0, 2).to(torch.uint8).contiguous()
+    return byte.reshape(K, nblk, 8 * bits).permute(1, 0, 2).contiguous()
 
 
 def repack_dp(q: torch.Tensor) -> torch.Tensor:

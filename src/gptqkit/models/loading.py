@@ -8,6 +8,7 @@ skipped layers) load as they are.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import types
@@ -79,6 +80,26 @@ def _read_off_map(folder: Path, names: set[str]) -> dict[str, torch.Tensor]:
     return out
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """torch ops on one intra-op thread for the duration: the backends' `prepare` is hundreds of
+    small elementwise ops (unpack, sort, repack) per model, each a parallel region when torch has
+    more threads. On the 2-core machine of BENCHMARKS.md (the main job's "after" pass) one thread
+    prepared SmolLM2's 210 layers in 0.1-0.5 s and two threads took 5-18 s while other jobs ran
+    (each region waits for a descheduled thread). CUDA backends are unaffected (their work is on the
+    GPU). The thread count is process-wide: torch work in other threads during a load runs on one
+    thread too."""
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, child, new)
@@ -91,6 +112,12 @@ def load_quantized(path: str | Path, *, backend: str | None = None, device: str 
     dtype: dtype of the non-quantized weights and of activations; default float32 on CPU
     (fast there) and float16 on CUDA.
     """
+    with _one_thread():  # hundreds of small tensor ops; see _one_thread
+        return _load_quantized(path, backend=backend, device=device, dtype=dtype,
+                               trust_remote_code=trust_remote_code)
+
+
+def _load_quantized(path, *, backend, device, dtype, trust_remote_code) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -184,6 +211,8 @@ def load_quantized(path: str | Path, *, backend: str | None = None, device: str 
     model.config.quantization_config = qcfg.to_dict()
     model._gptqkit_source = path
     model.save = types.MethodType(save_quantized, model)
+    from .kv_cache import use_growing_cache
+    use_growing_cache(model)  # generate(): a KV cache that appends without copying the whole cache
     return model
 
 
