@@ -15,6 +15,19 @@ SEQLEN, NSEQ = 16, 4
 # transformers 5 fuses MoE experts; the checkpoint holds one Linear per expert
 _EXPERT_RX = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)$")
 
+# The tiny configs the architecture and KV-cache tests build their models from
+TINY_VOCAB = 128
+TINY_IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+TINY_MLA = dict(kv_lora_rank=32, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=32,
+                first_k_dense_replace=1, n_group=1, topk_group=1)
+
+
+def tiny_llama_config(max_positions: int = 64) -> dict:
+    """A 2-layer Llama-shaped config (GQA) that most decoder families accept as is."""
+    return dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+                tie_word_embeddings=False, **TINY_IDS)
 
 @pytest.fixture(autouse=True)
 def one_thread():

@@ -7,15 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _arch_helpers import TINY_IDS, TINY_MLA, TINY_VOCAB, tiny_llama_config  # noqa: E402
 from _arch_helpers import build_tiny, calib_ids, one_thread, quantize_dir  # noqa: F401 (autouse fixture)
 
-V = 128
-_IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
-_LL = dict(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-           num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False, **_IDS)
-_MLA = dict(kv_lora_rank=32, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
-            n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=32,
-            first_k_dense_replace=1, n_group=1, topk_group=1)
+V = TINY_VOCAB
+_IDS = TINY_IDS
+_LL = tiny_llama_config(128)
+_MLA = TINY_MLA
 CASES = {
     "llama": _LL,  # GQA
     "qwen3": {**_LL, "head_dim": 16},
