@@ -28,7 +28,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from kernels import make_layer  # noqa: E402
+from kernel_speed import make_layer  # noqa: E402
 
 from gptqkit.kernels import cpu  # noqa: E402
 

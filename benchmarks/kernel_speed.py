@@ -1,10 +1,10 @@
 """Time the QuantLinear backends against dense matmuls, torch's int4 CPU kernel and the
 memory-bandwidth floor. Prints one JSON document to stdout (progress goes to stderr).
 
-    python benchmarks/kernels.py --quick            # a couple of minutes on 2 cores
-    python benchmarks/kernels.py                    # every shape, 4 and 8 bits
-    python benchmarks/kernels.py --shapes 4096x4096 --m 1,64 --bits 4
-    python benchmarks/kernels.py --table out.json   # markdown table of a saved run
+    python benchmarks/kernel_speed.py --quick            # a couple of minutes on 2 cores
+    python benchmarks/kernel_speed.py                    # every shape, 4 and 8 bits
+    python benchmarks/kernel_speed.py --shapes 4096x4096 --m 1,64 --bits 4
+    python benchmarks/kernel_speed.py --table out.json   # markdown table of a saved run
 
 Every timing is the median over repeated calls. Weights are rotated over enough copies to exceed
 the last-level cache (--rotate-mb, default 256 MiB), so M = 1 numbers are DRAM-bound the way a
