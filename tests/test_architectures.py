@@ -132,8 +132,8 @@ def test_per_block_kwargs_differ_for_gemma2(tmp_path):
 
 @pytest.mark.parametrize("case", ["gemma2", "gemma3_text", "bloom", "falcon_alibi", "gpt2"])
 def test_replayed_inputs_match_a_real_forward(case, tmp_path, monkeypatch):
-    """With RTN (weights quantized before the block runs) the hidden states the pipeline passes
-    from block to block must equal a real forward of the fake-quantized model. Three layers,
+    """The hidden states the pipeline passes from block to block must equal a real forward of the
+    fake-quantized model (GPTQ: each block's output comes from its solved weights). Three layers,
     sliding/global/sliding for Gemma, so block 1 needs another mask (and rotary table) than
     block 0; ALiBi for Bloom/Falcon."""
     from transformers import CONFIG_MAPPING
@@ -151,7 +151,7 @@ def test_replayed_inputs_match_a_real_forward(case, tmp_path, monkeypatch):
     src = build_tiny(mt, tmp_path / "src", **kw)
     outs = block_outputs(monkeypatch)
     ids = calib_ids(V)
-    quantize_dir(src, tmp_path / "q", ids, method="rtn")
+    quantize_dir(src, tmp_path / "q", ids)
     ref, _ = fake_quant_reference(src, tmp_path / "q")
     from gptqkit.models.arch import get_module, spec_for
     seen = []
@@ -164,3 +164,22 @@ def test_replayed_inputs_match_a_real_forward(case, tmp_path, monkeypatch):
     assert len(outs) == len(seen) == 3
     for i in range(3):
         torch.testing.assert_close(outs[i][0], seen[i], rtol=1e-4, atol=1e-5)
+
+
+def test_rtn_runs_no_block_forward(tmp_path, monkeypatch):
+    """RTN needs no inputs: no block runs on the calibration set, the head is still quantized when
+    asked, and every layer is exactly rtn_solve of its weights."""
+    from safetensors.torch import load_file
+    from gptqkit import QuantizeConfig
+    from gptqkit.quant.rtn import rtn_solve
+    from _arch_helpers import block_outputs, calib_ids, dequantized_weights, quantize_dir, tiny_llama_config
+    src = build_tiny("llama", tmp_path / "src", **tiny_llama_config())
+    outs = block_outputs(monkeypatch)
+    rep = quantize_dir(src, tmp_path / "q", calib_ids(V), method="rtn", lm_head=True)
+    assert rep.forwards == 0 and outs == {}
+    weights = load_file(str(src / "model.safetensors"))
+    got = dequantized_weights(tmp_path / "q")
+    assert "lm_head" in got and len(got) == 1 + 7 * 2
+    for name, (w, _) in got.items():
+        W = weights.get(f"{name}.weight", weights["model.embed_tokens.weight"] if name == "lm_head" else None)
+        torch.testing.assert_close(w, rtn_solve(W.float(), 4, 32, mse=QuantizeConfig().mse).dequantize(), rtol=0, atol=0)

@@ -101,6 +101,11 @@ class QuantizeConfig:
             if not pattern.startswith("-:"):
                 dataclasses.replace(self, dynamic=None, **override)  # validates the values
 
+    def needs_calibration(self) -> bool:
+        """False for round-to-nearest (dynamic rules cannot change the method): no Hessian, so
+        no block forwards."""
+        return self.method != "rtn"
+
     def for_module(self, name: str) -> "QuantizeConfig | None":
         """The config that applies to module `name` after dynamic rules; None = keep in full precision."""
         for pattern, override in (self.dynamic or {}).items():

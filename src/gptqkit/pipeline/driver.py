@@ -117,6 +117,10 @@ def _begin(r: _Run, start: int) -> None:
     r.report.layers = [LayerLog(**d) for d in r.dir.saved("layers", [])]
     r.report.forwards = r.dir.saved("forwards", 0)
     r.prior_seconds = r.dir.saved("seconds", 0.0)
+    if not r.config.needs_calibration():  # RTN: the weights alone decide, no hidden states
+        if r.config.lm_head:
+            r.handle.materialize_outside(r.spec.blocks)
+        return
     r.handle.materialize_outside(r.spec.blocks)
     plan = r.plan
     r.acts = Activations(r.dir, r.handle.device, plan.offload, plan.nchunks, start)
@@ -138,7 +142,7 @@ def _begin(r: _Run, start: int) -> None:
 
 
 def _streams(r: _Run) -> list[Activations]:
-    return [r.acts] + ([r.facts] if r.facts is not None else [])
+    return [a for a in (r.acts, r.facts) if a is not None]
 
 
 def _quantize_block(r: _Run, i: int) -> list[float]:
@@ -151,11 +155,14 @@ def _quantize_block(r: _Run, i: int) -> list[float]:
                                    prefix))
     check_layers_fit(block, r.spec, r.config, prefix)
     jobs = block_jobs(block, r.spec, r.config, prefix)
-    bq = BlockQuantizer(block, jobs, r.inputs.for_block(i), r.acts, r.plan.masks, r.plan.zero_min,
-                        r.config.true_sequential, prefix, float_acts=r.facts)
-    bq.run()
-    r.report.forwards += bq.forwards
-    del bq  # [GPTAQ] with it the original weights it kept for the float forward
+    if r.acts is None:  # RTN only (_begin)
+        collective.solve_linears(jobs, r.plan.zero_min)
+    else:
+        bq = BlockQuantizer(block, jobs, r.inputs.for_block(i), r.acts, r.plan.masks, r.plan.zero_min,
+                            r.config.true_sequential, prefix, float_acts=r.facts)
+        bq.run()
+        r.report.forwards += bq.forwards
+        del bq  # [GPTAQ] with it the original weights it kept for the float forward
     for a in _streams(r):
         a.advance(prefix)
     fault_hook("solved", i)
