@@ -5,7 +5,9 @@
 
 Variants: `fp32` / `bf16` (AutoModelForCausalLM.from_pretrained(base, dtype=...)), `q4` (the GPTQ
 checkpoint loaded with gptqkit.load, default backend, fp32 activations), `q4-bf16` (the same with
-dtype=torch.bfloat16: bf16 activations and non-quantized weights) and `q4-torch` (backend="torch").
+dtype=torch.bfloat16: bf16 activations and non-quantized weights), `q4-torch` (backend="torch")
+and `q4-head` (the --q4-head checkpoint, made with `gptqkit quantize --lm-head`: its lm_head is
+4-bit too and untied from the embedding; not in the default --variants).
 Each measurement runs in its own fresh subprocess (so RSS figures are that variant's alone), and
 the rounds are interleaved: round 1 runs every variant once, then round 2, ... ; the report gives
 the median over rounds (and every round's values).
@@ -37,7 +39,7 @@ import subprocess
 import sys
 import time
 
-VARIANTS = ("fp32", "bf16", "q4", "q4-bf16", "q4-torch")
+VARIANTS = ("fp32", "bf16", "q4", "q4-bf16", "q4-torch", "q4-head")
 
 
 def log(*a) -> None:
@@ -67,7 +69,8 @@ def worker(a) -> dict:
         model = AutoModelForCausalLM.from_pretrained(a.base, dtype=dtype)
     else:
         import gptqkit
-        model = gptqkit.load(a.q4, backend="torch" if a.variant == "q4-torch" else None,
+        model = gptqkit.load(a.q4_head if a.variant == "q4-head" else a.q4,
+                             backend="torch" if a.variant == "q4-torch" else None,
                              dtype=torch.bfloat16 if a.variant == "q4-bf16" else None)
     model.eval()
     load_s = time.perf_counter() - t0
@@ -218,7 +221,7 @@ def driver(a) -> dict:
     for r in range(a.rounds):
         for v in variants:
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", v, "--base", a.base, "--q4", a.q4 or "",
-                   "--prompt", str(a.prompt), "--new", str(a.new), "--inner", str(a.inner),
+                   "--q4-head", a.q4_head or "", "--prompt", str(a.prompt), "--new", str(a.new), "--inner", str(a.inner),
                    "--threads", str(a.threads), "--reps-breakdown", str(a.reps_breakdown)]
             if not a.generate:
                 cmd.append("--no-generate")
@@ -292,7 +295,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", default=None, help="fp32 model folder (default: gptqkit's built-in SmolLM2-135M)")
     ap.add_argument("--q4", default=None, help="GPTQ checkpoint of the same model")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--q4-head", default=None, help="GPTQ checkpoint with a quantized lm_head "
+                    "(gptqkit quantize --lm-head): variant q4-head")
+    ap.add_argument("--variants", default=",".join(v for v in VARIANTS if v != "q4-head"))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--inner", type=int, default=3, help="timed repetitions inside each subprocess (median)")
     ap.add_argument("--prompt", type=int, default=512)
@@ -314,8 +319,10 @@ def main() -> None:
         a.variant = a.worker
         print(json.dumps(worker(a)))
         return
-    if any(v.startswith("q4") for v in a.variants.split(",")) and not a.q4:
+    if any(v.startswith("q4") and v != "q4-head" for v in a.variants.split(",")) and not a.q4:
         ap.error("--q4 <checkpoint dir> is needed for the q4 variants")
+    if "q4-head" in a.variants.split(",") and not a.q4_head:
+        ap.error("--q4-head <checkpoint dir> is needed for the q4-head variant")
     print(json.dumps(driver(a), indent=1))
 
 

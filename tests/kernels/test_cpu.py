@@ -268,3 +268,20 @@ def test_portable_build_in_subprocess():
                        env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert " passed" in r.stdout
+
+
+@pytest.mark.parametrize("bits,kernel", [(3, "fma"), (4, "fma"), pytest.param(4, "dp", marks=needs_dp)],
+                         indirect=["kernel"])
+def test_repacked_in_column_slices(make_layer, monkeypatch, bits, kernel):
+    """prepare() repacks a slice of output columns at a time (bounded load memory): slices of
+    two blocks, the last one ragged, give the same layout tensors as one slice."""
+    K, N = 128, 5 * cpu.BLOCK + 13
+    layer = make_layer(K, N, bits, 32, act_order=True, seed=3)
+    whole = prepare_with(layer, use_op=False).layout
+    monkeypatch.setattr(cpu, "_SLICE_CODES", K * 2 * cpu.BLOCK)
+    layer2 = make_layer(K, N, bits, 32, act_order=True, seed=3)
+    sliced = prepare_with(layer2, use_op=False).layout
+    assert sliced.dp == whole.dp == (kernel == "dp")
+    for name in ("w", "s", "sz", "seg", "gk", "perm"):
+        assert torch.equal(getattr(sliced, name), getattr(whole, name)), name
+    assert torch.equal(sliced.codes(), whole.codes())

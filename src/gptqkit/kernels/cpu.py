@@ -51,8 +51,8 @@ from typing import Callable
 import torch
 
 from ..errors import BackendError
-from .qlinear import QuantLinear, epilogue, prologue, register_backend, sort_rows, unsort_rows
-from .torch_ref import unpack_layer
+from ..formats.packing import unpack_qweight, unpack_qzeros
+from .qlinear import QuantLinear, epilogue, group_order, prologue, register_backend, unsort_rows
 
 log = logging.getLogger(__name__)
 
@@ -392,6 +392,25 @@ class CpuLayout:
         return unsort_rows(q, self.perm)
 
 
+_SLICE_CODES = 1 << 22  # codes per slice while repacking: 16 MiB as int32
+
+
+def _repacked(layer: QuantLinear, perm: torch.Tensor | None, fn: Callable) -> torch.Tensor:
+    """fn (repack / repack_dp) of the layer's codes, row-sorted by perm, a slice of output columns
+    at a time: a whole [K, N] int32 unpacked copy (and its sorted copy) would be 8x the layer's
+    packed size at once, e.g. 2 x 113 MiB for SmolLM2's quantized lm_head."""
+    K, N = layer.in_features, layer.out_features
+    step = max(BLOCK, _SLICE_CODES // max(K, 1) // BLOCK * BLOCK)
+    out = None
+    for c0 in range(0, N, step):
+        q = unpack_qweight(layer.qweight[:, c0:c0 + step].contiguous(), layer.bits)[:K]
+        part = fn(q if perm is None else q[perm])
+        if out is None:
+            out = part.new_empty((-(-N // BLOCK), *part.shape[1:]))
+        out[c0 // BLOCK:c0 // BLOCK + part.shape[0]] = part
+    return out
+
+
 class CpuBackend:
     name = "cpu"
     bits_supported = (2, 3, 4, 8)
@@ -419,10 +438,11 @@ class CpuBackend:
         return None
 
     def prepare(self, layer: QuantLinear) -> CpuLayout:
-        q, z = unpack_layer(layer)
         K, N = layer.in_features, layer.out_features
+        z = unpack_qzeros(layer.qzeros, layer.bits, N, layer.checkpoint_format)
         G = layer.scales.shape[0]
-        q, gs, perm = sort_rows(q, layer.g_idx.cpu())  # act-order: groups become contiguous runs
+        perm = group_order(layer.g_idx.cpu())  # act-order: groups become contiguous runs
+        gs = layer.g_idx.cpu().long() if perm is None else layer.g_idx.cpu().long()[perm]
         nblk = -(-N // BLOCK)
         s = layer.scales.float().cpu()
         seg = torch.searchsorted(gs.contiguous(), torch.arange(G + 1)).to(torch.int32).contiguous()
@@ -441,14 +461,13 @@ class CpuBackend:
             gmap = torch.tensor([g for _, g in starts] or [0], dtype=torch.long)
             seg = torch.tensor([r for r, _ in starts] + [K], dtype=torch.int32)
             gs = torch.searchsorted(seg, torch.arange(K, dtype=torch.int32), right=True) - 1
-            w = repack_dp(q)
+            w = _repacked(layer, perm, repack_dp)
             sc = _block_params(s[gmap] * 16, nblk)
             szc = _block_params(s[gmap] * (z.float()[gmap] + 16), nblk)
         else:
-            w = repack(q, kbits)
+            w = _repacked(layer, perm, lambda q: repack(q, kbits))
             sc = _block_params(s, nblk)
             szc = _block_params(s * z.float(), nblk)
-        del q
         use_op = self.use_op and get_op() is not None
         gmin = self.gemm_min_m if self.gemm_min_m is not None else _default_gemm_min_m()
         layout = CpuLayout(w=w, s=sc, sz=szc, seg=seg, gk=gs.to(torch.int32).contiguous(), perm=perm,
