@@ -666,7 +666,7 @@ int gk_dequant_dp(const uint8_t* W, const float* S16, const float* SZ16, const i
 // torch loop's. What differs: (1) the row sum is accumulated in double (sequentially over the
 // columns) and rounded to fp32, where torch sums in fp32 in its own order; (2) |e|^norm for
 // norm != 2 is computed here in double (exp/log polynomials, ~1e-13 relative, so the fp32
-// result is the correctly rounded one all but ~never), where torch uses SLEEF's powf (<= 1 ulp).
+// result is nearly always the correctly rounded one), where torch uses SLEEF's powf (<= 1 ulp).
 // Either can change the winner only between candidates whose errors are that close.
 //
 // Layout: 16 rows at a time, one per vector lane (the group is transposed into a [cols][16]
