@@ -217,7 +217,8 @@ def get_lib() -> ctypes.CDLL | None:
                 _lib = _build()
             except Exception as e:  # noqa: BLE001  any failure means "fall back", with the reason
                 _lib_error = str(e)
-                log.warning("gptqkit CPU kernel unavailable, using the torch backend: %s", e)
+                log.warning("gptqkit CPU kernel unavailable, using torch code instead (the torch "
+                            "inference backend, find_params' torch clip search): %s", e)
         return _lib
 
 
