@@ -7,6 +7,9 @@ the pipeline was doing (accumulating linear L of chunk c, solving L, finalizing)
 
 Prints one JSON document: wall seconds, VmHWM, the label at the peak, the highest RSS per label
 (top 12), and the RSS at the start of every block. A diagnostic, not a timing benchmark.
+
+`--clip-search torch` runs find_params' torch loop instead of the C++ search (`off`: no search,
+mse=False); the JSON then also has the wall seconds spent inside find_params (`find_params_s`).
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from chunking_vs_main import three_block_copy  # noqa: E402
 
 import gptqkit.pipeline.block as blockmod  # noqa: E402
+import gptqkit.quant.gptq as gptqmod  # noqa: E402
+from gptqkit.quant import grid  # noqa: E402
 import gptqkit.pipeline.rundir as rundir  # noqa: E402
 from gptqkit import QuantizeConfig  # noqa: E402
 from gptqkit.api import load_tokenizer  # noqa: E402
@@ -41,7 +46,20 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--out", default="/tmp/rss-timeline-out")
+    ap.add_argument("--clip-search", choices=["kernel", "torch", "off"], default="kernel",
+                    help="the clip search in C++ (default), as the torch loop, or off (mse=False)")
     a = ap.parse_args()
+    grid.CPU_KERNEL = a.clip_search == "kernel"
+    in_find_params = [0.0]
+    real_find_params = gptqmod.find_params
+
+    def timed_find_params(*args, **kw):
+        t = time.perf_counter()
+        try:
+            return real_find_params(*args, **kw)
+        finally:
+            in_find_params[0] += time.perf_counter() - t
+    gptqmod.find_params = timed_find_params
 
     label, samples, done = ["load"], [], threading.Event()
 
@@ -68,8 +86,8 @@ def main() -> None:
     cal = calibration_batches(tok, "shakespeare", nsamples=a.nsamples, seqlen=a.seqlen, seed=0)
     label[0] = "start"
     t0 = time.perf_counter()
-    quantize_model(handle, cal.input_ids, QuantizeConfig(bits=4, group_size=128), a.out, progress=False,
-                   overwrite=True)
+    quantize_model(handle, cal.input_ids, QuantizeConfig(bits=4, group_size=128, mse=a.clip_search != "off"),
+                   a.out, progress=False, overwrite=True)
     seconds = time.perf_counter() - t0
     done.set()
     hwm = next(int(ln.split()[1]) for ln in open("/proc/self/status") if ln.startswith("VmHWM")) / 1024
@@ -81,7 +99,8 @@ def main() -> None:
         if lab.startswith("accumulate") and lab.endswith("q_proj c0"):
             block_start.setdefault(lab.split()[1].rsplit(".", 2)[0], round(r))
     print(json.dumps({"command": " ".join(["python"] + sys.argv), "model": "full" if a.full else "3-block copy",
-                      "seconds": round(seconds, 1), "vmhwm_mib": round(hwm), "peak_at": max(samples)[1],
+                      "seconds": round(seconds, 1), "clip_search": a.clip_search,
+                      "find_params_s": round(in_find_params[0], 2), "vmhwm_mib": round(hwm), "peak_at": max(samples)[1],
                       "top": [(lab, round(r)) for lab, r in sorted(best.items(), key=lambda kv: -kv[1])[:12]],
                       "block_start_rss_mib": block_start, "loadavg": os.getloadavg()}, indent=1))
 

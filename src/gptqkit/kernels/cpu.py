@@ -29,6 +29,10 @@ compiler, CPU flags (and torch version for the op):
 If the library cannot be built either, `supports` returns the reason and QuantLinear falls back
 to the torch backend (logged).
 
+The library also holds the clip search of quantization (`clip_search`, called by
+quant/grid.py::find_params for fp32 CPU groups): the torch loop's arithmetic, candidate by
+candidate, in one call per group.
+
 Prepared state is a `CpuLayout`; with it the layer drops its checkpoint `qweight` (the layout's
 `codes()` rebuilds it exactly for saving), so the codes are held once.
 """
@@ -142,7 +146,7 @@ def _build() -> ctypes.CDLL:
         lib = ctypes.CDLL(str(out))
     except OSError as e:
         raise RuntimeError(f"cannot load {out}: {e}") from e
-    if lib.gk_abi_version() != 3:
+    if lib.gk_abi_version() != 4:
         raise RuntimeError(f"{out}: ABI version mismatch")
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.gk_gemv.argtypes = [p, p, p, p, i, i, i, i, p, i, p, i, i]
@@ -160,6 +164,9 @@ def _build() -> ctypes.CDLL:
     lib.gk_gemv_dp_layer.restype = i
     lib.gk_dequant_dp.argtypes = [p, p, p, p, i, i, i, i, p, i]
     lib.gk_dequant_dp.restype = i
+    # the clip search of quant/grid.py::find_params (see `clip_search`)
+    lib.gk_clip_search.argtypes = [p, i, i, ctypes.c_long, p, i, i, i, ctypes.c_float, p, i, p, p, p, i]
+    lib.gk_clip_search.restype = i
     log.debug("gptqkit CPU kernel loaded from %s", out)
     return lib
 
@@ -210,7 +217,8 @@ def get_lib() -> ctypes.CDLL | None:
                 _lib = _build()
             except Exception as e:  # noqa: BLE001  any failure means "fall back", with the reason
                 _lib_error = str(e)
-                log.warning("gptqkit CPU kernel unavailable, using the torch backend: %s", e)
+                log.warning("gptqkit CPU kernel unavailable, using torch code instead (the torch "
+                            "inference backend, find_params' torch clip search): %s", e)
         return _lib
 
 
@@ -301,6 +309,68 @@ def dp_available() -> bool:
     """Whether the compiled kernel has the AVX-512 BF16 dot-product path."""
     lib = get_lib()
     return lib is not None and bool(lib.gk_has_dp())
+
+
+_clip_logged: set[str] = set()
+
+
+def _clip_fallback(reason: str, level: int = logging.DEBUG) -> None:
+    if reason not in _clip_logged:  # once per reason: find_params runs once per group
+        _clip_logged.add(reason)
+        log.log(level, "clip search: the torch loop runs (%s)", reason)
+
+
+@functools.lru_cache(maxsize=None)
+def _shrink_factors(grid: float, maxshrink: float) -> torch.Tensor:
+    # exactly find_params' p = 1 - i/grid, rounded to fp32 as torch does for `p * tensor`
+    return torch.tensor([1 - i / grid for i in range(int(maxshrink * grid))], dtype=torch.float32)
+
+
+def clip_search(w: torch.Tensor, bits: int, sym: bool, zero_min: int, norm: float, grid: float,
+                maxshrink: float, weight: torch.Tensor | None, errors: bool = False) -> tuple | None:
+    """quant/grid.py::find_params' clip search (mse=True) in C++ (csrc/cpu_kernels.cpp,
+    gk_clip_search): (scale, zero) [rows] fp32, or None where it does not apply (not fp32, not
+    on the CPU, library unavailable, non-finite values); the caller then runs its torch loop.
+    errors=True (tests) adds every candidate's error, [rows, candidates].
+
+    Each candidate's grid and per-element errors are torch's fp32 arithmetic exactly (|e|^norm
+    for norm != 2: to ~1e-13, where torch's is within 1 ulp); the row sums are accumulated in
+    double and rounded to fp32 (torch: in fp32), so on near-ties another candidate may win."""
+    if w.device.type != "cpu" or w.dtype is not torch.float32 or w.dim() != 2 or w.numel() == 0:
+        _clip_fallback(f"{w.dtype} on {w.device.type}, shape {tuple(w.shape)}: the kernel takes "
+                       "non-empty 2-D float32 CPU groups")
+        return None
+    rows, cols = w.shape
+    if weight is not None and (weight.device.type != "cpu" or weight.dtype is not torch.float32
+                               or weight.shape != (cols,)):
+        _clip_fallback(f"weight {weight.dtype} {tuple(weight.shape)} on {weight.device.type}")
+        return None
+    if not 1 <= bits <= 8 or (weight is None and not norm > 0):
+        _clip_fallback(f"bits {bits}, norm {norm}: the kernel takes 1-8 bits and norm > 0")
+        return None
+    lib = get_lib()
+    if lib is None:
+        _clip_fallback(f"CPU kernel unavailable: {_lib_error}", logging.INFO)
+        return None
+    if w.stride(1) != 1 or (rows > 1 and w.stride(0) < cols):
+        w = w.contiguous()
+    ldw = w.stride(0) if rows > 1 else cols
+    wt = weight.contiguous() if weight is not None else None
+    ps = _shrink_factors(grid, maxshrink)
+    scale = torch.empty(rows, dtype=torch.float32)
+    zero = torch.empty(rows, dtype=torch.float32)
+    err = torch.empty(rows, ps.numel(), dtype=torch.float32) if errors else None
+    # threads: torch's count, at most one per 16 rows (the kernel's task) and per ~256 K
+    # element-candidates
+    nt = max(1, min(torch.get_num_threads(), -(-rows // 16), (rows * cols * ps.numel()) >> 18))
+    rc = lib.gk_clip_search(w.data_ptr(), rows, cols, ldw, None if wt is None else wt.data_ptr(), bits,
+                            int(sym), zero_min, norm, ps.data_ptr(), ps.numel(), scale.data_ptr(),
+                            zero.data_ptr(), None if err is None else err.data_ptr(), nt)
+    if rc != 0:
+        _clip_fallback("non-finite values" if rc == 1 else f"kernel error {rc}",
+                       logging.DEBUG if rc == 1 else logging.WARNING)
+        return None
+    return (scale, zero, err) if errors else (scale, zero)
 
 
 class _LayerArgs(ctypes.Structure):

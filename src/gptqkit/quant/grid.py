@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import torch
 
+# find_params runs its clip search in C++ (kernels/cpu.py::clip_search) where it can; False
+# forces the torch loop below, the reference (tests and benchmarks compare the two)
+CPU_KERNEL = True
+
 
 def find_params(w: torch.Tensor, bits: int, sym: bool, mse: bool = False, zero_min: int = 0,
                 norm: float = 2.4, grid: int = 100, maxshrink: float = 0.8, weight: torch.Tensor | None = None
@@ -20,6 +24,13 @@ def find_params(w: torch.Tensor, bits: int, sym: bool, mse: bool = False, zero_m
     with least Σ_k weight_k·(w − ŵ)², the layer error of each column's rounding when the columns
     are independent (weight = diag H) or as GPTQ pays it (weight = 1/[H⁻¹]_kk).
     """
+    if mse and CPU_KERNEL:
+        # the loop below costs ~15 small torch ops per candidate, 80 candidates per group: the
+        # C++ kernel does the same arithmetic in one call (fp32 CPU groups; None elsewhere)
+        from ..kernels.cpu import clip_search
+        found = clip_search(w, bits, sym, zero_min, norm, grid, maxshrink, weight)
+        if found is not None:
+            return found
     maxq = (1 << bits) - 1
     zero_t = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
     xmin = torch.minimum(w.min(dim=1).values, zero_t)

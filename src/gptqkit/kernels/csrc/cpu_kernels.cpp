@@ -543,7 +543,7 @@ static void gemv_dp_impl(const uint8_t* W, const float* S16, const float* SZ16, 
 #endif
 
 extern "C" {
-int gk_abi_version(void) { return 3; }
+int gk_abi_version(void) { return 4; }  // 4: gk_clip_search (end of file)
 int gk_has_dp(void) { return GK_HAS_DP; }
 
 // The widest vector ISA this build was compiled for: the backend picks its large-M path from it
@@ -653,3 +653,296 @@ int gk_dequant_dp(const uint8_t* W, const float* S16, const float* SZ16, const i
     return 0;
 }
 }
+
+// =============================================================================================
+// The clip search of quant/grid.py::find_params (mse=True) for fp32 groups, one call per group
+// (called from gptqkit/kernels/cpu.py::clip_search). For each row it tries the ranges
+// p·[xmin, xmax], p = ps[i] (i < ncand), and keeps the one with least sum_k wt_k·(w - ŵ)²
+// (wt given) or sum_k |w - ŵ|^norm (wt null); ties keep the earlier candidate.
+//
+// Exactness: every candidate repeats torch's fp32 arithmetic operation for operation (p·x in
+// fp32, true IEEE division, scale clamped to 2^-14 and rounded to fp16 and back, round half to
+// even, clamp), so each candidate's grid and each element's error term are bit-equal to the
+// torch loop's. What differs: (1) the row sum is accumulated in double (sequentially over the
+// columns) and rounded to fp32, where torch sums in fp32 in its own order; (2) |e|^norm for
+// norm != 2 is computed here in double (exp/log polynomials, ~1e-13 relative, so the fp32
+// result is nearly always the correctly rounded one), where torch uses SLEEF's powf (<= 1 ulp).
+// Either can change the winner only between candidates whose errors are that close.
+//
+// Layout: 16 rows at a time, one per vector lane (the group is transposed into a [cols][16]
+// buffer), so each candidate's scale and zero are computed for 16 rows at once and the per-row
+// sums need no horizontal reduction. GCC vector extensions: AVX-512 / AVX2 / portable code from
+// one source, with the rounding instruction where the build has one.
+//
+// No multiply-add may be fused on this path: g++ contracts a·b + c by default in C++
+// (-ffp-contract=fast), and p·xmax − p·xmin (the range) must round twice, as in torch; hence
+// the pragmas around this block (clang: the STDC one). (s·(q − z) − w could not change by it:
+// an fp16 scale (11 significant bits) times a whole number below 2^8 is exact in fp32.)
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#elif defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+#endif
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef double v8d __attribute__((vector_size(64)));
+typedef int64_t v8l __attribute__((vector_size(64)));
+
+static inline v16f gk_splat(float a) { return (v16f){} + a; }
+static inline v8d gk_splatd(double a) { return (v8d){} + a; }
+
+// round half to even (torch.round) of every lane
+static inline v16f gk_rne(v16f x) {
+#if defined(__AVX512F__)
+    __m512 t;
+    memcpy(&t, &x, 64);
+    t = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    memcpy(&x, &t, 64);
+    return x;
+#elif defined(__AVX2__)
+    __m256 t[2];
+    memcpy(t, &x, 64);
+    t[0] = _mm256_round_ps(t[0], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    t[1] = _mm256_round_ps(t[1], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    memcpy(&x, t, 64);
+    return x;
+#else
+    // |x| < 2^23: (|x| + 2^23) - 2^23 rounds to a whole number (default rounding mode); larger
+    // floats already are whole
+    const v16f big = gk_splat(8388608.0f);
+    const v16i xi = (v16i)x;
+    const v16f a = (v16f)(xi & 0x7fffffff);
+    const v16f r = (v16f)((v16i)((a + big) - big) | (xi & (int32_t)0x80000000));
+    return a < big ? r : x;
+#endif
+}
+
+// x -> float16 (round to nearest even) -> float, for x >= 2^-14 (fp16's normal range and above,
+// which the scale clamp guarantees) or +inf: torch's .half().float(); overflow gives +inf
+static inline v16f gk_via_half(v16f x) {
+    const v16i b = (v16i)x;
+    const v16f r = (v16f)((b + (0xfff + ((b >> 13) & 1))) & ~0x1fff);
+    return r > gk_splat(65504.0f) ? gk_splat(__builtin_inff()) : r;
+}
+
+// find_params' params(lo, hi) for 16 rows
+static inline void gk_grid_params(v16f lo, v16f hi, float maxq, int sym, float zero_min, v16f* s_out,
+                                  v16f* z_out) {
+    const v16f zero = gk_splat(0.0f);
+    if (sym) {
+        const v16f a = (v16f)((v16i)lo & 0x7fffffff);
+        hi = a > hi ? a : hi;
+        lo = -hi;
+    }
+    const v16i dead = (lo == zero) & (hi == zero);
+    lo = dead ? gk_splat(-1.0f) : lo;
+    hi = dead ? gk_splat(1.0f) : hi;
+    v16f s = (hi - lo) / maxq;
+    const v16f smin = gk_splat(6.103515625e-05f);  // 2^-14
+    s = gk_via_half(s < smin ? smin : s);
+    v16f z;
+    if (sym) {
+        z = gk_splat((maxq + 1.0f) / 2.0f);
+    } else {
+        z = gk_rne(-lo / s);
+        z = z < zero_min ? gk_splat(zero_min) : z;
+        z = z > maxq ? gk_splat(maxq) : z;
+    }
+    *s_out = s;
+    *z_out = z;
+}
+
+// a·b + c, fused where the build has FMA, whatever the compiler's contraction setting (only
+// |e|^norm below uses it: that value is not torch's bit for bit anyway)
+static inline v8d gk_fmad(v8d a, v8d b, v8d c) {
+#if defined(__AVX512F__)
+    __m512d x, y, z;
+    memcpy(&x, &a, 64); memcpy(&y, &b, 64); memcpy(&z, &c, 64);
+    x = _mm512_fmadd_pd(x, y, z);
+    memcpy(&a, &x, 64);
+    return a;
+#elif defined(__AVX2__) && defined(__FMA__)
+    __m256d x[2], y[2], z[2];
+    memcpy(x, &a, 64); memcpy(y, &b, 64); memcpy(z, &c, 64);
+    x[0] = _mm256_fmadd_pd(x[0], y[0], z[0]);
+    x[1] = _mm256_fmadd_pd(x[1], y[1], z[1]);
+    memcpy(&a, x, 64);
+    return a;
+#else
+    return a * b + c;
+#endif
+}
+
+// a^y for a >= 0 (fp32 lanes, y > 0) in double: exp(y·ln a) with ln and exp as polynomials
+// accurate to ~1e-13 relative, so the fp32 result is the correctly rounded one but for ~1e-5
+// of values; 0 -> 0, +inf -> +inf, NaN -> NaN (an overflowed scale makes e = inf·0), and fp32
+// overflow -> +inf on the caller's conversion
+static inline v8d gk_powd(v8d a, double y) {
+    const v8d one = gk_splatd(1.0);
+    v8l bits = (v8l)a;
+    v8l k = ((bits >> 52) & 0x7ff) - 1023;
+    v8d m = (v8d)((bits & 0x000fffffffffffffLL) | 0x3ff0000000000000LL);  // [1, 2)
+    const v8l big = m > gk_splatd(1.4142135623730951);
+    m = big ? m * 0.5 : m;                                                  // [0.707, 1.414]
+    k = k - big;  // big is -1 where true
+    // ln m = 2·atanh(s) = 2s·(1 + s²/3 + s⁴/5 + ...), s = (m − 1)/(m + 1), |s| <= 0.1716
+    // (1/(m + 1) from an fp32 division, 6e-8, and two Newton steps: ~1e-16, cheaper than a
+    // double division)
+    const v8d d = m + one;
+    v8d rd = __builtin_convertvector(1.0f / __builtin_convertvector(d, v8f), v8d);
+    rd = gk_fmad(rd, gk_fmad(-d, rd, one), rd);
+    rd = gk_fmad(rd, gk_fmad(-d, rd, one), rd);
+    const v8d s = (m - one) * rd, s2 = s * s;
+    v8d p = gk_splatd(1.0 / 17);
+    for (const double c : {1.0 / 15, 1.0 / 13, 1.0 / 11, 1.0 / 9, 1.0 / 7, 1.0 / 5, 1.0 / 3, 1.0})
+        p = gk_fmad(p, s2, gk_splatd(c));
+    const v8d t = gk_fmad(__builtin_convertvector(k, v8d), gk_splatd(0.6931471805599453), 2.0 * s * p) * y;
+    // exp(t) = 2^n · exp(r), n = round(t / ln 2), r = t − n·ln2 in [−0.35, 0.35] (ln 2 in two
+    // parts, so r is exact enough); exp(r) to r^11 / 11!
+    v8d n = t * 1.4426950408889634;
+    n = __builtin_convertvector(__builtin_convertvector(
+            n + (v8d)(((v8l)n & (int64_t)0x8000000000000000LL) | 0x3fe0000000000000LL), v8l), v8d);
+    const v8d r = gk_fmad(n, gk_splatd(-1.9082149292705877e-10), gk_fmad(n, gk_splatd(-0.6931471803691238), t));
+    v8d e = gk_splatd(1.0 / 39916800);
+    for (const double c : {1.0 / 3628800, 1.0 / 362880, 1.0 / 40320, 1.0 / 5040, 1.0 / 720, 1.0 / 120,
+                           1.0 / 24, 1.0 / 6, 0.5, 1.0, 1.0})
+        e = gk_fmad(e, r, gk_splatd(c));
+    const v8d res = e * (v8d)((__builtin_convertvector(n, v8l) + 1023) << 52);
+    const v8d inf = gk_splatd(__builtin_inf());
+    return a == 0.0 ? gk_splatd(0.0) : (a == inf ? inf : (a != a ? a : res));  // NaN stays NaN
+}
+
+// halves of a vector and back (shuffles stay in registers; memcpy went through the stack)
+#if defined(__has_builtin) && __has_builtin(__builtin_shufflevector)
+static inline v8f gk_lo(v16f x) { return __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7); }
+static inline v8f gk_hi(v16f x) { return __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15); }
+static inline v16f gk_cat(v8f a, v8f b) {
+    return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+#else
+static inline v8f gk_lo(v16f x) { v8f r; memcpy(&r, &x, 32); return r; }
+static inline v8f gk_hi(v16f x) { v8f r; memcpy(&r, (const char*)&x + 32, 32); return r; }
+static inline v16f gk_cat(v8f a, v8f b) { v16f r; memcpy(&r, &a, 32); memcpy((char*)&r + 32, &b, 32); return r; }
+#endif
+
+// fp32 -> double, 8 lanes (GCC's generic conversion goes 4 lanes at a time)
+static inline v8d gk_widen(v8f x) {
+#if defined(__AVX512F__)
+    __m256 a;
+    memcpy(&a, &x, 32);
+    const __m512d r = _mm512_cvtps_pd(a);
+    v8d d;
+    memcpy(&d, &r, 64);
+    return d;
+#else
+    return __builtin_convertvector(x, v8d);
+#endif
+}
+
+// 16 rows (lanes of T [cols][16]); MODE 0: weighted, 1: |e|^2 (norm == 2), 2: |e|^norm
+template <int MODE>
+static void gk_clip_lanes(const float* __restrict T, int cols, const float* __restrict wt, float maxq, int sym,
+                          float zero_min, double norm, const float* ps, int ncand, float* S, float* Z,
+                          float* E, int nvalid) {
+    v16f mn = gk_splat(0.0f), mx = gk_splat(0.0f);  // min/max of the row and 0
+    for (int j = 0; j < cols; ++j) {
+        const v16f x = loadf(T + 16 * j);
+        mn = x < mn ? x : mn;
+        mx = x > mx ? x : mx;
+    }
+    v16f scale, zero;
+    gk_grid_params(mn, mx, maxq, sym, zero_min, &scale, &zero);
+    v16f best = gk_splat(__builtin_inff());
+    const v16f vzero = gk_splat(0.0f), vmaxq = gk_splat(maxq);
+    for (int i = 0; i < ncand; ++i) {
+        v16f s, z;
+        gk_grid_params(ps[i] * mn, ps[i] * mx, maxq, sym, zero_min, &s, &z);
+        v8d acc0 = gk_splatd(0.0), acc1 = gk_splatd(0.0);
+        for (int j = 0; j < cols; ++j) {
+            const v16f x = loadf(T + 16 * j);
+            v16f q = gk_rne(x / s) + z;
+            q = q < vzero ? vzero : q;
+            q = q > vmaxq ? vmaxq : q;
+            const v16f e = s * (q - z) - x;
+            v16f t;
+            if constexpr (MODE == 0) {
+                t = (e * e) * wt[j];
+            } else if constexpr (MODE == 1) {
+                t = e * e;
+            } else {
+                const v16f a = (v16f)((v16i)e & 0x7fffffff);
+                t = gk_cat(__builtin_convertvector(gk_powd(gk_widen(gk_lo(a)), norm), v8f),
+                           __builtin_convertvector(gk_powd(gk_widen(gk_hi(a)), norm), v8f));
+            }
+            acc0 += gk_widen(gk_lo(t));
+            acc1 += gk_widen(gk_hi(t));
+        }
+        const v16f err = gk_cat(__builtin_convertvector(acc0, v8f), __builtin_convertvector(acc1, v8f));
+        if (E)
+            for (int l = 0; l < nvalid; ++l) E[(size_t)l * ncand + i] = err[l];
+        const v16i better = err < best;
+        best = better ? err : best;
+        scale = better ? s : scale;
+        zero = better ? z : zero;
+    }
+    for (int l = 0; l < nvalid; ++l) {
+        S[l] = scale[l];
+        Z[l] = zero[l];
+    }
+}
+
+extern "C" {
+// The clip search for W [rows, cols] fp32 with row stride ldw; wt [cols] or null (then
+// |e|^norm, norm > 0); ps [ncand] the shrink factors p in fp32. Writes S, Z [rows] and, if E is
+// not null, every candidate's error E [rows, ncand]. Returns 0; -1 for bad arguments; 1 if W or
+// wt holds a non-finite value (the caller then runs its reference loop: torch's NaN/inf
+// semantics are not reproduced here).
+int gk_clip_search(const float* W, int rows, int cols, long ldw, const float* wt, int bits, int sym,
+                   int zero_min, float norm, const float* ps, int ncand, float* S, float* Z, float* E,
+                   int nthreads) {
+    if (rows < 0 || cols < 1 || (rows > 1 && ldw < cols) || ncand < 0 || bits < 1 || bits > 8 ||
+        (!wt && !(norm > 0.0f)))
+        return -1;
+    if (wt)
+        for (int j = 0; j < cols; ++j)
+            if (!__builtin_isfinite(wt[j])) return 1;
+    int bad = 0;
+    const float maxq = (float)((1 << bits) - 1), zmin = (float)zero_min;
+    const int mode = wt ? 0 : (norm == 2.0f ? 1 : 2);
+    const int nchunk = (rows + 15) / 16;
+    // 16 rows per task; every row costs the same, so a static split
+#pragma omp parallel num_threads(nthreads) reduction(|: bad) if (nthreads > 1)
+    {
+        float* T = (float*)malloc(sizeof(float) * 16 * (size_t)cols);
+#pragma omp for schedule(static)
+        for (int c = 0; c < nchunk; ++c) {
+            if (!T) { bad |= 2; continue; }
+            const int r0 = c * 16, nv = rows - r0 < 16 ? rows - r0 : 16;
+            int nonfinite = 0;
+            for (int l = 0; l < 16; ++l)
+                for (int j = 0; j < cols; ++j) {
+                    const float x = l < nv ? W[(size_t)(r0 + l) * ldw + j] : 0.0f;  // pad: zero rows
+                    nonfinite |= !__builtin_isfinite(x);
+                    T[16 * j + l] = x;
+                }
+            if (nonfinite) { bad |= 1; continue; }
+            float* e = E ? E + (size_t)r0 * ncand : nullptr;
+            if (mode == 0)
+                gk_clip_lanes<0>(T, cols, wt, maxq, sym, zmin, norm, ps, ncand, S + r0, Z + r0, e, nv);
+            else if (mode == 1)
+                gk_clip_lanes<1>(T, cols, wt, maxq, sym, zmin, norm, ps, ncand, S + r0, Z + r0, e, nv);
+            else
+                gk_clip_lanes<2>(T, cols, wt, maxq, sym, zmin, norm, ps, ncand, S + r0, Z + r0, e, nv);
+        }
+        free(T);
+    }
+    return bad & 2 ? -2 : (bad ? 1 : 0);
+}
+}
+
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT ON
+#elif defined(__GNUC__)
+#pragma GCC pop_options
+#endif
