@@ -106,8 +106,8 @@ def test_unknown_model_type_uses_the_generic_fallback(tmp_path, caplog):
 
 @pytest.mark.parametrize("per_block", [True, False])
 def test_per_layer_kwargs_are_replayed_per_block(tmp_path, monkeypatch, per_block):
-    """RTN quantizes before the forward, so the pipeline's block outputs must equal a real forward
-    of the fake-quantized model block by block; block 1 gets another window than block 0.
+    """The pipeline's block outputs (each block's, from its solved weights) must equal a real
+    forward of the fake-quantized model block by block; block 1 gets another window than block 0.
     per_block=False disables the per-block capture (every block replays block 0's kwargs) and
     shows the check is sensitive."""
     from gptqkit.pipeline import capture
@@ -117,7 +117,7 @@ def test_per_layer_kwargs_are_replayed_per_block(tmp_path, monkeypatch, per_bloc
         monkeypatch.setattr(capture, "capture_per_block_inputs", lambda *a, **k: None)
     outs = block_outputs(monkeypatch)
     ids = calib_ids(V)
-    quantize_dir(src, tmp_path / "q", ids, method="rtn")
+    quantize_dir(src, tmp_path / "q", ids)
     ref, _ = fake_quant_reference(src, tmp_path / "q")
     seen = []
     hooks = [b.register_forward_hook(lambda m, a, o: seen.append(o)) for b in ref.backbone.stack]
