@@ -285,3 +285,43 @@ def test_repacked_in_column_slices(make_layer, monkeypatch, bits, kernel):
     for name in ("w", "s", "sz", "seg", "gk", "perm"):
         assert torch.equal(getattr(sliced, name), getattr(whole, name)), name
     assert torch.equal(sliced.codes(), whole.codes())
+
+
+def test_fast_head_gemv_matches_float64():
+    """FastHeadLinear's one-token path (the row GEMV) against a float64 product; other calls
+    are nn.Linear's own (bit-equal), and autograd still works."""
+    gen = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(77, 1001, bias=True)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(1001, 77, generator=gen))
+        lin.bias.copy_(torch.randn(1001, generator=gen))
+    plain = torch.nn.Linear(77, 1001)
+    plain.load_state_dict(lin.state_dict())
+    lin.__class__ = cpu.FastHeadLinear
+    x = torch.randn(1, 1, 77, generator=gen)
+    with torch.inference_mode():
+        y = lin(x)
+        ref = torch.nn.functional.linear(x.double(), lin.weight.double(), lin.bias.double())
+        assert y.shape == (1, 1, 1001) and y.dtype == torch.float32
+        assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+        xs = torch.randn(3, 77, generator=gen)
+        assert torch.equal(lin(xs), plain(xs))  # M > 1: nn.Linear
+    xg = x.clone().requires_grad_(True)
+    lin(xg).sum().backward()
+    assert xg.grad is not None and torch.allclose(xg.grad[0, 0], lin.weight.sum(0).detach(), rtol=1e-4, atol=1e-4)
+
+
+def test_load_gives_fp32_head_the_gemv(tmp_path):
+    """gptqkit.load swaps an fp32 CPU lm_head to FastHeadLinear; greedy tokens and the saved
+    checkpoint are the same as with the plain head."""
+    import gptqkit
+    from _arch_helpers import build_tiny, calib_ids, quantize_dir, tiny_llama_config, TINY_VOCAB
+    src = build_tiny("llama", tmp_path / "src", **tiny_llama_config())
+    quantize_dir(src, tmp_path / "q", calib_ids(TINY_VOCAB), method="rtn")
+    m = gptqkit.load(tmp_path / "q")
+    head = m.get_output_embeddings()
+    assert type(head) is cpu.FastHeadLinear and isinstance(head, torch.nn.Linear)
+    prompt = torch.tensor([[5, 6, 7, 8]])
+    fast = m.generate(prompt, max_new_tokens=8, do_sample=False)
+    head.__class__ = torch.nn.Linear
+    assert torch.equal(fast, m.generate(prompt, max_new_tokens=8, do_sample=False))

@@ -543,7 +543,7 @@ static void gemv_dp_impl(const uint8_t* W, const float* S16, const float* SZ16, 
 #endif
 
 extern "C" {
-int gk_abi_version(void) { return 4; }  // 4: gk_clip_search (end of file)
+int gk_abi_version(void) { return 5; }  // 4: gk_clip_search, 5: gk_sgemv_rows (end of file)
 int gk_has_dp(void) { return GK_HAS_DP; }
 
 // The widest vector ISA this build was compiled for: the backend picks its large-M path from it
@@ -946,3 +946,27 @@ int gk_clip_search(const float* W, int rows, int cols, long ldw, const float* wt
 #elif defined(__GNUC__)
 #pragma GCC pop_options
 #endif
+
+// y[n] = W[n, :] · x for a row-major fp32 W [N, K] (row stride ldw): the fp32 output head of a
+// quantized model at decode (M = 1). torch's BLAS reads a 49152 x 576 head at ~15 GB/s with one
+// or two threads (a GEMM with M = 1); this loop streams the rows at the memory's rate. 16
+// independent partial sums per row (one AVX-512 or two AVX2 vectors, the compiler vectorizes
+// the j loop), summed pairwise at the end; rows split across threads.
+extern "C" int gk_sgemv_rows(const float* W, const float* x, float* y, int N, int K, long ldw, int nthreads) {
+    if (N < 0 || K < 0 || ldw < K) return -1;
+#if defined(_OPENMP)
+    #pragma omp parallel for num_threads(nthreads > 0 ? nthreads : 1) schedule(static)
+#endif
+    for (int n = 0; n < N; ++n) {
+        const float* w = W + (size_t)n * ldw;
+        float acc[16] = {0};
+        int k = 0;
+        for (; k + 16 <= K; k += 16)
+            for (int j = 0; j < 16; ++j) acc[j] += w[k + j] * x[k + j];
+        for (int j = 0; k + j < K; ++j) acc[j] += w[k + j] * x[k + j];
+        for (int h = 8; h >= 1; h >>= 1)
+            for (int j = 0; j < h; ++j) acc[j] += acc[j + h];
+        y[n] = acc[0];
+    }
+    return 0;
+}
