@@ -325,3 +325,4 @@ def test_load_gives_fp32_head_the_gemv(tmp_path):
     fast = m.generate(prompt, max_new_tokens=8, do_sample=False)
     head.__class__ = torch.nn.Linear
     assert torch.equal(fast, m.generate(prompt, max_new_tokens=8, do_sample=False))
+    assert type(gptqkit.load(tmp_path / "q", backend="torch").get_output_embeddings()) is torch.nn.Linear

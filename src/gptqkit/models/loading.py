@@ -213,8 +213,9 @@ def _load_quantized(path, *, backend, device, dtype, trust_remote_code) -> nn.Mo
     model.save = types.MethodType(save_quantized, model)
     from .kv_cache import use_growing_cache
     use_growing_cache(model)  # generate(): a KV cache that appends without copying the whole cache
-    from ..kernels.cpu import use_fast_head
-    use_fast_head(model)  # an fp32 CPU lm_head at decode: a GEMV at the memory's rate (else a no-op)
+    if backend != "torch":  # the torch reference stays torch end to end
+        from ..kernels.cpu import use_fast_head
+        use_fast_head(model)  # an fp32 CPU lm_head at decode: a GEMV at the memory's rate (else a no-op)
     return model
 
 
