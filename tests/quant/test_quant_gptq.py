@@ -259,6 +259,40 @@ def test_hessian_row_blocks(rows, monkeypatch):
     torch.testing.assert_close(h.H, 2 * X.T @ X / X.shape[0], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("K", [5, 12, 24, 37])
+def test_hessian_upper_panels_mirrored(K):
+    """Only the upper block triangle is accumulated: H read back has its lower blocks mirrored
+    exactly from the upper ones and equals the full product, for K that the panels cut unevenly
+    (and K < PANELS)."""
+    gen = torch.Generator().manual_seed(K)
+    h = Hessian(K, dtype=DT)
+    xs = [torch.randn(9, K, generator=gen, dtype=DT) for _ in range(3)]
+    for x in xs:
+        h.add(x)
+    X = torch.cat(xs)
+    assert all(torch.equal(h.H[b:, a:b], h.H[a:b, b:].T) for a, b in h._panels())
+    torch.testing.assert_close(h.H, 2 * X.T @ X / X.shape[0], rtol=1e-12, atol=1e-12)
+    h.add(xs[0])  # adding after a read mirrors again
+    X = torch.cat(xs + xs[:1])
+    assert all(torch.equal(h.H[b:, a:b], h.H[a:b, b:].T) for a, b in h._panels())
+    torch.testing.assert_close(h.H, 2 * X.T @ X / X.shape[0], rtol=1e-12, atol=1e-12)
+
+
+def test_hessian_finite_flags_bad_inputs_only_where_kept():
+    x = torch.randn(2, 6, 8, dtype=DT)
+    x[1, 4, 3] = float("nan")
+    keep = torch.ones(2, 6, dtype=torch.bool)
+    keep[1, 4] = False
+    h = Hessian(8, dtype=DT)
+    h.add(x, keep)                 # the NaN sits in a masked (padding) row: left out
+    assert h.finite()
+    h.add(x)                       # now it is kept
+    assert not h.finite()
+    g = Hessian(8, dtype=DT)
+    g.add(torch.full((3, 8), float("inf"), dtype=DT))
+    assert not g.finite()
+
+
 def test_hessian_float32_default():
     h = Hessian(8)
     x = torch.randn(10, 8)

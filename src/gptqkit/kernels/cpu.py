@@ -146,7 +146,7 @@ def _build() -> ctypes.CDLL:
         lib = ctypes.CDLL(str(out))
     except OSError as e:
         raise RuntimeError(f"cannot load {out}: {e}") from e
-    if lib.gk_abi_version() != 5:
+    if lib.gk_abi_version() != 6:
         raise RuntimeError(f"{out}: ABI version mismatch")
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.gk_gemv.argtypes = [p, p, p, p, i, i, i, i, p, i, p, i, i]
@@ -169,6 +169,11 @@ def _build() -> ctypes.CDLL:
     lib.gk_clip_search.restype = i
     lib.gk_sgemv_rows.argtypes = [p, p, p, i, i, ctypes.c_long, i]
     lib.gk_sgemv_rows.restype = i
+    L = ctypes.c_long
+    # GPTQ's column loop, one block of columns (see `gptq_columns`)
+    lib.gk_gptq_columns.argtypes = [p, L, i, i, i, i, p, L, p, p, L, p, ctypes.c_float, p, L, p, L, p, L, p, L,
+                                    i, i, i]
+    lib.gk_gptq_columns.restype = i
     log.debug("gptqkit CPU kernel loaded from %s", out)
     return lib
 
@@ -373,6 +378,53 @@ def clip_search(w: torch.Tensor, bits: int, sym: bool, zero_min: int, norm: floa
                        logging.DEBUG if rc == 1 else logging.WARNING)
         return None
     return (scale, zero, err) if errors else (scale, zero)
+
+
+def addr_fused_width() -> int:
+    """How many leading elements of each row torch's addr_ computes with one fused multiply-add:
+    ATen's vectorized loop fuses whole vectors (16 floats with AVX-512, 8 with AVX2) and rounds
+    twice in the scalar tail; 0 (never fused) for other builds (the kernel is then not bit-equal
+    to torch's loop, only within fp32 rounding of it)."""
+    cap = torch.backends.cpu.get_cpu_capability() if torch.backends.cpu is not None else ""
+    return {"AVX512": 16, "AVX2": 8}.get(cap, 0)
+
+
+def gptq_columns(W1: torch.Tensor, i0: int, i1: int, Hinv1: torch.Tensor, S: torch.Tensor, Z: torch.Tensor,
+                 gcol: torch.Tensor, maxq: int, Q: torch.Tensor, E: torch.Tensor,
+                 P1: torch.Tensor | None = None, Wpre: torch.Tensor | None = None) -> bool:
+    """Columns i0..i1-1 of one block of GPTQ's column loop (quant/gptq.py::gptq_solve) in C++
+    (csrc/cpu_kernels.cpp, gk_gptq_columns), rows in parallel: W1 [N, B] is updated in place,
+    Q and E [N, B] (views of the block's columns; row stride any) receive the codes and the scaled
+    errors, column i quantizes on the grid S[gcol[i - i0]], Z[...] (S, Z [groups, N]). [GPTAQ]
+    P1 [B, B] and Wpre [N, B] as in the solver. Same bits as the torch loop on this machine's torch
+    build (see addr_fused_width) for the same tensor layouts. False where it does not apply (not fp32 on the CPU, no library):
+    the caller runs its torch loop."""
+    ts = [W1, Hinv1, S, Z, Q, E] + ([P1, Wpre] if P1 is not None else [])
+    if any(t.device.type != "cpu" or t.dtype is not torch.float32 for t in ts):
+        return False
+    if any(t.stride(-1) != 1 for t in (W1, Q, E, Wpre) if t is not None):
+        return False
+    # torch's addr_ fuses only where it reads the rows of the matrix contiguously (the Cholesky
+    # factor comes column-major); the kernel reads rows of the block (64 KiB) contiguous
+    fwh = addr_fused_width() if Hinv1.stride(-1) == 1 else 0
+    fwp = 0 if P1 is None else addr_fused_width() if P1.stride(-1) == 1 else 0
+    Hinv1 = Hinv1 if Hinv1.stride(-1) == 1 else Hinv1.contiguous()
+    P1 = P1 if P1 is None or P1.stride(-1) == 1 else P1.contiguous()
+    lib = get_lib()
+    if lib is None:
+        return False
+    N, B = W1.shape
+    S, Z, gcol = S.contiguous(), Z.contiguous(), gcol.to(torch.int32).contiguous()
+    nt = max(1, min(torch.get_num_threads(), N // 64))
+    rc = lib.gk_gptq_columns(W1.data_ptr(), W1.stride(0), N, B, i0, i1, Hinv1.data_ptr(), Hinv1.stride(0),
+                             S.data_ptr(), Z.data_ptr(), S.stride(0), gcol.data_ptr(), float(maxq),
+                             Q.data_ptr(), Q.stride(0), E.data_ptr(), E.stride(0),
+                             None if P1 is None else P1.data_ptr(), 0 if P1 is None else P1.stride(0),
+                             None if Wpre is None else Wpre.data_ptr(), 0 if Wpre is None else Wpre.stride(0),
+                             fwh, fwp, nt)
+    if rc != 0:
+        raise RuntimeError(f"gk_gptq_columns failed ({rc}) on W1 {tuple(W1.shape)}, columns {i0}..{i1}")
+    return True
 
 
 class FastHeadLinear(torch.nn.Linear):

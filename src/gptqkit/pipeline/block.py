@@ -312,10 +312,6 @@ class BlockQuantizer:
             if seen is x:
                 job.hessian = h
                 return
-        if not torch.isfinite(x).all():
-            raise NumericalError(f"the inputs of {job.name} contain NaN/Inf (activations of the earlier layers "
-                                 "overflowed or the source weights are damaged); try dtype float32 or check "
-                                 "the source checkpoint")
         # [GPTAQ] the float model's input of the same tokens (None: plain GPTQ)
         x_float = self.floats.take(p.chunk, job, x) if self.floats is not None else None
         if job.hessian is None:
@@ -325,3 +321,9 @@ class BlockQuantizer:
         t0 = time.perf_counter()
         job.hessian.add(x, mask if mask is not None and mask.shape == x.shape[:-1] else None, x_float)
         job.seconds += time.perf_counter() - t0
+        # NaN/Inf in the inputs shows on the Hessian's diagonal: a K-element check instead of a
+        # pass over every input element (which cost ~8 % of the block forwards)
+        if not job.hessian.finite():
+            raise NumericalError(f"the inputs of {job.name} contain NaN/Inf (activations of the earlier layers "
+                                 "overflowed or the source weights are damaged); try dtype float32 or check "
+                                 "the source checkpoint")

@@ -46,21 +46,38 @@ class Hessian:
     """Streaming H = 2/n · Σ x xᵀ over the rows x of every batch (masked rows left out).
 
     cross=True also accumulates GPTAQ's dXXt = 2/n · Σ (x̃ − x) xᵀ (dXXt[a, b] = 2/n · Σ (x̃_a − x_a)·x_b),
-    x̃ being the same token's input in the full-precision model; same rows, same scaling as H."""
+    x̃ being the same token's input in the full-precision model; same rows, same scaling as H.
+
+    H is symmetric, so only its upper block triangle is accumulated (PANELS row panels, panel i:
+    x_iᵀ·x[:, i:]); the part below the diagonal blocks is mirrored from above when H is read."""
 
     def __init__(self, columns: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  cross: bool = False):
-        self.H = torch.zeros(columns, columns, device=device, dtype=dtype)
+        self._H = torch.zeros(columns, columns, device=device, dtype=dtype)
+        self._mirrored = True
         self.dXXt = torch.zeros(columns, columns, device=device, dtype=dtype) if cross else None
         self.n = 0
 
     # Rows per addmm_: the masked/converted copy of x is made one row block at a time, so the
     # transient is at most ROWS·K elements (a 64×512-token MLP input converted at once is ~200 MB).
     ROWS = 4096
-    # [GPTAQ] with the cross term, H is formed from its upper triangle in this many row panels
-    # (panel i: x_iᵀ·x[:, i:]), ~0.6x the flops of the full product on a CPU, which pays back part of
-    # the cross term's full K×K product. Plain GPTQ keeps the full product: its bytes stay as they were.
-    PANELS = 4
+    # XᵀX is the largest cost of quantization after the forward. BLAS has a symmetric rank-k update
+    # (syrk, half the flops) that torch does not expose; 8 panels of the upper triangle do 9/16 of the
+    # full product's flops and ran in 0.57-0.64x its time on SmolLM2's K = 576 and 1536 at 1 and 2
+    # threads (the mirror, done once when H is read, is a K² copy).
+    PANELS = 8
+
+    @property
+    def H(self) -> torch.Tensor:
+        if not self._mirrored:
+            for a, b in self._panels():  # the blocks below the diagonal blocks, mirrored from above
+                self._H[b:, a:b] = self._H[a:b, b:].T
+            self._mirrored = True
+        return self._H
+
+    @H.setter
+    def H(self, value: torch.Tensor) -> None:  # a complete, symmetric H (the ranks' sum, distributed)
+        self._H, self._mirrored = value, True
 
     def add(self, x: torch.Tensor, mask: torch.Tensor | None = None, x_float: torch.Tensor | None = None) -> None:
         """x: [..., K] inputs of the layer; mask: [...] booleans, True for real (non-pad) tokens.
@@ -82,39 +99,41 @@ class Hessian:
         if m == 0:
             return
         # H_new = (n·H + 2·xᵀx) / (n + m), computed without forming large intermediates
-        self.H.mul_(self.n / (self.n + m))
+        self._H.mul_(self.n / (self.n + m))
         if self.dXXt is not None:
             self.dXXt.mul_(self.n / (self.n + m))
         self.n += m
+        self._mirrored = False
         for s in range(0, x.shape[0], self.ROWS):
             xb = x[s:s + self.ROWS]
             if mask is not None:
                 xb = xb[mask[s:s + self.ROWS]]
-            xb = xb.to(device=self.H.device, dtype=self.H.dtype)
-            if x_float is None:
-                self.H.addmm_(xb.T, xb, alpha=2.0 / self.n)
-            else:
-                self._add_upper(xb, 2.0 / self.n)
+            xb = xb.to(device=self._H.device, dtype=self._H.dtype)
+            self._add_upper(xb, 2.0 / self.n)
+            if x_float is not None:
                 # the difference first, in the accumulator's dtype: x̃ ≈ x, so forming Σ x̃xᵀ − H
                 # instead would cancel most of float32's digits
                 fb = x_float[s:s + self.ROWS]
                 if mask is not None:
                     fb = fb[mask[s:s + self.ROWS]]
-                db = fb.to(device=self.H.device, dtype=self.H.dtype) - xb  # never in place: fb may be the caller's
+                db = fb.to(device=self._H.device, dtype=self._H.dtype) - xb  # never in place: fb may be the caller's
                 self.dXXt.addmm_(db.T, xb, alpha=2.0 / self.n)
-        if x_float is not None:  # the blocks below the diagonal blocks, mirrored from above
-            for a, b in self._panels():
-                self.H[b:, a:b] = self.H[a:b, b:].T
+
+    def finite(self) -> bool:
+        """False when an input held NaN/Inf (or overflowed the accumulator): it shows on the
+        diagonal, Σ x_a², which a K-element check reads instead of every input element."""
+        ok = bool(torch.isfinite(self._H.diagonal()).all())
+        return ok and (self.dXXt is None or bool(torch.isfinite(self.dXXt.diagonal()).all()))
 
     def _panels(self) -> list[tuple[int, int]]:
-        K = self.H.shape[0]
+        K = self._H.shape[0]
         cut = [K * p // self.PANELS for p in range(self.PANELS + 1)]
         return [(a, b) for a, b in zip(cut, cut[1:]) if b > a]
 
     def _add_upper(self, xb: torch.Tensor, alpha: float) -> None:
         """H += alpha·xbᵀxb on and above the diagonal blocks of the panels."""
         for a, b in self._panels():
-            self.H[a:b, a:].addmm_(xb[:, a:b].T, xb[:, a:], alpha=alpha)
+            self._H[a:b, a:].addmm_(xb[:, a:b].T, xb[:, a:], alpha=alpha)
 
 
 def _inverse_cholesky(H: torch.Tensor, damp_percent: float, damp_auto_increment: float
@@ -142,6 +161,37 @@ def _inverse_cholesky(H: torch.Tensor, damp_percent: float, damp_auto_increment:
         new = min(1.0, damp + damp_auto_increment)
         log.info("Cholesky failed at damp_percent=%.4f; retrying with %.4f", damp, new)
         damp = new
+
+
+# False: always run the column loop in torch (tests compare the two; fp64 and CUDA always do)
+COLUMN_KERNEL = True
+
+
+def _columns(W1: torch.Tensor, i0: int, i1: int, Hinv1: torch.Tensor, S: torch.Tensor, Z: torch.Tensor,
+             gcol: torch.Tensor, maxq: int, Q1: torch.Tensor, Err1: torch.Tensor,
+             P1: torch.Tensor | None, Wpre1: torch.Tensor | None) -> None:
+    """Columns i0..i1-1 of a block: quantize column i on grid (S, Z)[gcol[i - i0]], keep its code
+    in Q1 and its scaled error in Err1, spread the error over the block's later columns. The
+    C++ loop (kernels/cpu.py::gptq_columns, same bits on fp32 CPU tensors) where it applies, else
+    this torch loop, which is the reference."""
+    if COLUMN_KERNEL and W1.dtype is torch.float32 and W1.device.type == "cpu":
+        from ..kernels.cpu import gptq_columns
+        if gptq_columns(W1, i0, i1, Hinv1, S, Z, gcol, maxq, Q1, Err1, P1, Wpre1):
+            return
+    for i in range(i0, i1):
+        grp = int(gcol[i - i0])
+        scale, zero = S[grp], Z[grp]
+        # the hot loop: few, fused ops per column (Python dispatch dominates small layers)
+        w = W1[:, i]
+        q = quantize(w, scale, zero, maxq)
+        Q1[:, i] = q
+        err = Err1[:, i]
+        torch.sub(w, dequantize(q, scale, zero), out=err)
+        err.div_(Hinv1[i, i])
+        if P1 is not None:  # before w (a view) is overwritten by its own update
+            Wpre1[:, i] = w
+            W1[:, i + 1:].addr_(Wpre1[:, i], P1[i, i + 1:])
+        W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
 
 
 def gptq_solve(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = -1, sym: bool = True,
@@ -218,46 +268,46 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = -1
     scales = torch.zeros(ngroups, N, dtype=dtype, device=W.device)
     zeros = torch.zeros(ngroups, N, dtype=dtype, device=W.device)
     scale = zero = None
+    if static is not None:  # every column's grid is known up front: a block is one run of columns
+        S_static = torch.stack([s for s, _ in static])
+        Z_static = torch.stack([z for _, z in static])
+        col_group = (perm if perm is not None else torch.arange(K, device=W.device)) // g
+    one_group = torch.zeros(K, dtype=torch.int32)
 
     for i1 in range(0, K, blocksize):
         i2 = min(i1 + blocksize, K)
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
+        P1 = Wpre1 = None
         if P is not None:
             P1 = P[i1:i2, i1:i2]
             Wpre1 = torch.zeros_like(W1)  # [GPTAQ] each column's value just before it is quantized
-        for i in range(i2 - i1):
+        i = 0
+        while i < i2 - i1:  # runs of columns on one set of grids
             col = i1 + i
             if static is not None:
-                grp = (int(perm[col]) if perm is not None else col) // g
-                scale, zero = static[grp]
-            elif col % g == 0:
-                # current values of this group's columns: in-block ones from W1, later ones
-                # from W plus the updates still pending from this block
-                end = min(col + g, K)
-                cur = W1[:, i:]
-                if end > i2:
-                    pending = W[:, i2:end] - Err1[:, :i] @ Hinv[i1:col, i2:end]
-                    if P is not None:
-                        pending += Wpre1[:, :i] @ P[i1:col, i2:end]
-                    cur = torch.cat([cur, pending], dim=1)
-                else:
-                    cur = cur[:, :end - col]
-                scale, zero = find_params(cur, bits, sym, bool(mse), zero_min,
-                                          weight=None if wsearch is None else wsearch[col:col + cur.shape[1]])
-                scales[col // g], zeros[col // g] = scale, zero
-            # the hot loop: few, fused ops per column (Python dispatch dominates small layers)
-            w = W1[:, i]
-            q = quantize(w, scale, zero, maxq)
-            Q[:, col] = q
-            err = Err1[:, i]
-            torch.sub(w, dequantize(q, scale, zero), out=err)
-            err.div_(Hinv1[i, i])
-            if P is not None:  # before w (a view) is overwritten by its own update
-                Wpre1[:, i] = w
-                W1[:, i + 1:].addr_(Wpre1[:, i], P1[i, i + 1:])
-            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
+                end, S_run, Z_run, gcol = i2 - i1, S_static, Z_static, col_group[i1:i2]
+            else:
+                if col % g == 0:
+                    # current values of this group's columns: in-block ones from W1, later ones
+                    # from W plus the updates still pending from this block
+                    gend = min(col + g, K)
+                    cur = W1[:, i:]
+                    if gend > i2:
+                        pending = W[:, i2:gend] - Err1[:, :i] @ Hinv[i1:col, i2:gend]
+                        if P is not None:
+                            pending += Wpre1[:, :i] @ P[i1:col, i2:gend]
+                        cur = torch.cat([cur, pending], dim=1)
+                    else:
+                        cur = cur[:, :gend - col]
+                    scale, zero = find_params(cur, bits, sym, bool(mse), zero_min,
+                                              weight=None if wsearch is None else wsearch[col:col + cur.shape[1]])
+                    scales[col // g], zeros[col // g] = scale, zero
+                end = min(i2 - i1, i + g - col % g)
+                S_run, Z_run, gcol = scale[None], zero[None], one_group[i:end]
+            _columns(W1, i, end, Hinv1, S_run, Z_run, gcol, maxq, Q[:, i1:i2], Err1, P1, Wpre1)
+            i = end
         # (w − ŵ)²/d² summed over the block's columns = Σ err², the reference's loss
         loss += Err1.pow(2).sum() / 2
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
@@ -265,8 +315,7 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = -1
             W[:, i2:].addmm_(Wpre1, P[i1:i2, i2:])
 
     if static is not None:
-        scales = torch.stack([s for s, _ in static])
-        zeros = torch.stack([z for _, z in static])
+        scales, zeros = S_static, Z_static
         g_idx = group_index(K, group_size)
     elif perm is not None:
         g_idx = (torch.argsort(perm) // g).to(torch.int32)  # group of column c = its position // g

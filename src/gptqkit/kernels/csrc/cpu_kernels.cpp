@@ -16,6 +16,7 @@
 //
 // GEMV:  y[n] = sum_g ( S[g,n] * sum_{k in g} x[k] q[k,n]  -  SZ[g,n] * sum_{k in g} x[k] )
 // so the inner loop is only "zero-extend codes, convert to fp32, FMA", with fp32 accumulation.
+#include <cmath>
 #include <stdint.h>
 #include <string.h>
 #include <stdlib.h>
@@ -543,7 +544,7 @@ static void gemv_dp_impl(const uint8_t* W, const float* S16, const float* SZ16, 
 #endif
 
 extern "C" {
-int gk_abi_version(void) { return 5; }  // 4: gk_clip_search, 5: gk_sgemv_rows (end of file)
+int gk_abi_version(void) { return 6; }  // 4: gk_clip_search, 5: gk_sgemv_rows (end of file), 6: gk_gptq_columns
 int gk_has_dp(void) { return GK_HAS_DP; }
 
 // The widest vector ISA this build was compiled for: the backend picks its large-M path from it
@@ -939,6 +940,62 @@ int gk_clip_search(const float* W, int rows, int cols, long ldw, const float* wt
     }
     return bad & 2 ? -2 : (bad ? 1 : 0);
 }
+}
+
+// One block of GPTQ's column loop (quant/gptq.py::gptq_solve), columns i0..i1-1 of a block of B
+// columns. Each row of W is quantized on its own: column i's rounding error only ever updates
+// the same row's later columns, so the loop runs row by row (a row of the block stays in L1)
+// instead of torch's column by column (one Python-dispatched op per column, every row each).
+//
+// The arithmetic is torch's, operation for operation, so the codes and the errors are the
+// same bits: q = clamp(round(x / s) + z, 0, maxq), err = (x − s·(q − z)) / Hinv[i, i], and the
+// rank-1 updates of torch's addr_ (w + α·a·b), which ATen's vectorized loop fuses into one FMA
+// for the first floor(L / fw)·fw elements of a row of length L and rounds twice in its scalar
+// tail: fwh / fwp (the updates through Hinv1 / P1) are Vectorized<float>'s width in the torch
+// build that runs (16 with AVX-512, 8 with AVX2) where torch reads that matrix's rows contiguously,
+// 0 (never fused: ATen's scalar loop) where it reads them strided, e.g. the Cholesky factor's
+// column-major rows; the caller passes them. Hence this sits in the no-contraction region.
+//
+// W1 [N, ldw]: the block's current weights (updated in place); Hinv1 [B, ldh]: the block of the
+// inverse Hessian's Cholesky factor; S, Z [groups, ldg]: grids, column i uses group gcol[i − i0];
+// Q, E [N, ldq / lde]: codes and scaled errors of the block's columns (column i at offset i).
+// [GPTAQ] P1 (null: plain GPTQ) [B, ldp] and Wpre [N, ldpre]: before the error update, each
+// column's value x is kept in Wpre and w[j] += x·P1[i, j] for j > i.
+extern "C" int gk_gptq_columns(float* W1, long ldw, int N, int B, int i0, int i1, const float* Hinv1,
+                               long ldh, const float* S, const float* Z, long ldg, const int32_t* gcol,
+                               float maxq, float* Q, long ldq, float* E, long lde, const float* P1, long ldp,
+                               float* Wpre, long ldpre, int fwh, int fwp, int nthreads) {
+    if (N < 0 || B < 0 || i0 < 0 || i1 > B || i0 > i1 || ldw < B || ldh < B || fwh < 0 || fwp < 0 ||
+        (P1 && !Wpre))
+        return -1;
+#if defined(_OPENMP)
+    #pragma omp parallel for num_threads(nthreads > 0 ? nthreads : 1) schedule(static) if (nthreads > 1)
+#endif
+    for (int n = 0; n < N; ++n) {
+        float* w = W1 + (size_t)n * ldw;
+        for (int i = i0; i < i1; ++i) {
+            const size_t g = (size_t)gcol[i - i0] * ldg + n;
+            const float s = S[g], z = Z[g], x = w[i];
+            float q = std::nearbyint(x / s) + z;
+            q = q < 0.0f ? 0.0f : (q > maxq ? maxq : q);
+            Q[(size_t)n * ldq + i] = q;
+            const float e = (x - s * (q - z)) / Hinv1[(size_t)i * ldh + i];
+            E[(size_t)n * lde + i] = e;
+            if (P1) {  // torch: W1[:, i + 1:].addr_(Wpre1[:, i], P1[i, i + 1:])
+                Wpre[(size_t)n * ldpre + i] = x;
+                const float* p = P1 + (size_t)i * ldp;
+                const int vend = fwp ? i + 1 + (B - i - 1) / fwp * fwp : i + 1;
+                for (int j = i + 1; j < vend; ++j) w[j] = __builtin_fmaf(x, p[j], w[j]);
+                for (int j = vend; j < B; ++j) w[j] = w[j] + x * p[j];
+            }
+            // torch: W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1); column i itself is not read again
+            const float* h = Hinv1 + (size_t)i * ldh;
+            const int vend = fwh ? i + (B - i) / fwh * fwh : i;
+            for (int j = i + 1; j < vend; ++j) w[j] = __builtin_fmaf(-e, h[j], w[j]);
+            for (int j = vend > i + 1 ? vend : i + 1; j < B; ++j) w[j] = w[j] - e * h[j];
+        }
+    }
+    return 0;
 }
 
 #if defined(__clang__)
