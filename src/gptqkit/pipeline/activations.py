@@ -7,6 +7,8 @@ either way, which is what lets an interrupted run resume exactly where it stoppe
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from ..errors import NumericalError
@@ -69,6 +71,13 @@ class Activations:
     def save(self) -> None:
         """Write the current inputs to the run folder (offloaded ones are there already); every
         rank writes its own chunks."""
-        if not self.offload:
-            collective.on_every_rank(lambda: [self.run.write_hidden(self.block, c, h, self.stream)
-                                              for c, h in enumerate(self._held)])
+        self.saver()()
+
+    def saver(self) -> Callable[[], None]:
+        """save() bound to the current inputs: it may run later (on the commit thread), after
+        advance() moved on; the forward never writes into its input, so they stay as they are."""
+        if self.offload:
+            return lambda: None
+        block, held, stream = self.block, list(self._held), self.stream
+        return lambda: collective.on_every_rank(lambda: [self.run.write_hidden(block, c, h, stream)
+                                                         for c, h in enumerate(held)])

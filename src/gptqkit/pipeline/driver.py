@@ -29,6 +29,7 @@ from .head import quantize_lm_head
 from .linears import block_jobs, check_layers_fit
 from .plan import RunPlan, make_plan
 from .quant_log import LayerLog, QuantizeReport
+from .commits import Commits
 from .rundir import RunDir, fault_hook
 from .writer import Tensors, write_originals, write_side_files
 
@@ -51,6 +52,7 @@ class _Run:
     facts: Activations | None = None   # [GPTAQ] the float model's hidden states
     inputs: BlockInputs | None = None
     written: set[str] = field(default_factory=set)   # checkpoint names already produced
+    commits: Commits = field(default_factory=lambda: Commits(background=False))
 
     def seconds(self) -> float:
         return self.prior_seconds + time.perf_counter() - self.t_start
@@ -82,6 +84,7 @@ def quantize_model(handle: ModelHandle, input_ids: torch.Tensor, config: Quantiz
     plan = _resumed_chunk(plan, run_dir)
     r = _Run(handle, spec, blocks, config, plan, run_dir, QuantizeReport(out=str(out), calib_tokens=plan.calib_tokens),
              t_start)
+    r.commits = Commits(background=not collective.active() and not plan.offload)
     i = start = run_dir.next_block
     try:
         _begin(r, start)
@@ -92,14 +95,26 @@ def quantize_model(handle: ModelHandle, input_ids: torch.Tensor, config: Quantiz
                 losses = _quantize_block(r, i)
                 bar.set_postfix(loss=f"{sum(losses) / max(1, len(losses)):.3g}")
             outside = _outside_tensors(r)
+        r.commits.wait()
         _finish(r, outside, tokenizer)
     except KeyboardInterrupt as e:
+        _settle(r.commits)
         raise InterruptedRunError(
             f"interrupted in block {i}; the {run_dir.next_block} finished block(s) are kept in {run_dir.directory}. "
             "Run the same command with --resume (resume=True) to continue") from e
     finally:
+        _settle(r.commits)
         run_dir.release()  # the lock on <out>.partial, whatever happened
     return r.report
+
+
+def _settle(commits: Commits) -> None:
+    """A block still being written is finished (so it is kept for --resume) before an error
+    or Ctrl-C leaves the run; the error that left is the one reported."""
+    try:
+        commits.wait()
+    except BaseException:  # noqa: BLE001  already leaving with another exception
+        pass
 
 
 def _resumed_chunk(plan: RunPlan, run_dir: RunDir) -> RunPlan:
@@ -172,15 +187,19 @@ def _quantize_block(r: _Run, i: int) -> list[float]:
         tensors.add_solved(job, r.config.checkpoint_format, r.written)
         r.report.layers.append(LayerLog.of(job))
     write_originals(r.handle, tensors, prefix, r.written)
-    if r.plan.rank == 0:
-        r.dir.write_block(i, tensors)
-    for a in _streams(r):
-        a.save()
-    fault_hook("written", i)
-    collective.on_rank0(lambda: r.dir.commit(i + 1, layers=[asdict(x) for x in r.report.layers],
-                                             forwards=r.report.forwards, seconds=r.seconds(),
-                                             chunk=r.plan.chunk))
-    fault_hook("committed", i)
+    savers = [a.saver() for a in _streams(r)]
+    state = dict(layers=[asdict(x) for x in r.report.layers], forwards=r.report.forwards, seconds=r.seconds(),
+                 chunk=r.plan.chunk)
+
+    def write_and_commit() -> None:
+        if r.plan.rank == 0:
+            r.dir.write_block(i, tensors)
+        for save in savers:
+            save()
+        fault_hook("written", i)
+        collective.on_rank0(lambda: r.dir.commit(i + 1, **state))
+        fault_hook("committed", i)
+    r.commits.submit(write_and_commit)
     del tensors
     r.handle.release(prefix)
     release_heap()
