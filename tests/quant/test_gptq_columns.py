@@ -2,8 +2,9 @@
 solver's torch loop, which stays the reference (float64 and CUDA always run it).
 
 The kernel repeats torch's fp32 arithmetic operation for operation, including which elements of
-addr_'s rank-1 updates ATen fuses into one multiply-add (kernels/cpu.py::addr_fused_width), so on
-an AVX-512 or AVX2 torch build the solve is the same bits either way: codes, grids, loss.
+addr_'s rank-1 updates ATen fuses into one multiply-add (kernels/cpu.py::addr_fused_width, measured
+on torch's own addr_), so the solve is the same bits either way: codes, grids, loss. Checked here
+under each of torch's CPU capabilities this machine has (ATEN_CPU_CAPABILITY in a subprocess).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from gptqkit.quant import gptq
 from gptqkit.quant.gptq import gptq_solve
 
 pytestmark = pytest.mark.skipif(cpu.get_lib() is None, reason=f"CPU kernel unavailable: {cpu.lib_error()}")
-EXACT = cpu.addr_fused_width() > 0
+EXACT = cpu.addr_fused_width(True) is not None and cpu.addr_fused_width(False) is not None
 
 
 def problem(N: int, K: int, seed: int, gptaq: bool = False):
@@ -85,10 +86,10 @@ def test_rows_in_parallel_same_bits(threads, monkeypatch):
     assert_same(got, ref, f"{threads} threads")
 
 
-@pytest.mark.skipif(not EXACT, reason="torch build without a known addr_ vector width")
+@pytest.mark.skipif(not EXACT, reason="this torch build's addr_ fuses no fixed prefix of a row")
 def test_fused_width_is_what_makes_it_exact(monkeypatch):
-    """Rounding every update twice (width 0) or fusing all of it gives other errors than torch's
-    loop: the width the kernel is told is what the bit-equality rests on."""
+    """Another width (none fused, all fused) gives other errors than torch's loop: the measured
+    width is what the bit-equality rests on."""
     W, H, _ = problem(64, 256, seed=9)
     g = torch.Generator().manual_seed(1)
     Wb = W[:, :128].contiguous()
@@ -99,7 +100,7 @@ def test_fused_width_is_what_makes_it_exact(monkeypatch):
     gcol = torch.zeros(128, dtype=torch.int32)
 
     def run(width):
-        monkeypatch.setattr(cpu, "addr_fused_width", lambda: width)
+        monkeypatch.setattr(cpu, "addr_fused_width", lambda contiguous=True: width)
         Wk, Q, E = Wb.clone(), torch.zeros_like(Wb), torch.zeros_like(Wb)
         assert cpu.gptq_columns(Wk, 0, 128, Hinv1, S, Z, gcol, 15, Q, E)
         return Q, E
@@ -107,10 +108,10 @@ def test_fused_width_is_what_makes_it_exact(monkeypatch):
     Qt, Et = torch.zeros_like(Wb), torch.zeros_like(Wb)
     monkeypatch.setattr(gptq, "COLUMN_KERNEL", False)
     gptq._columns(Wb.clone(), 0, 128, Hinv1, S, Z, gcol, 15, Qt, Et, None, None)
-    width = {"AVX512": 16, "AVX2": 8}[torch.backends.cpu.get_cpu_capability()]
+    width = cpu.addr_fused_width(True)
     assert torch.equal(run(width)[1], Et)
-    assert not torch.equal(run(0)[1], Et)
-    assert not torch.equal(run(1)[1], Et)
+    for other in {0, 1} - {width}:
+        assert not torch.equal(run(other)[1], Et), other
 
 
 def test_float64_and_fallback_use_the_torch_loop(monkeypatch):
@@ -123,3 +124,41 @@ def test_float64_and_fallback_use_the_torch_loop(monkeypatch):
     calls.clear()
     solve(True, monkeypatch, W.double(), H.double(), 4, 32)
     assert not calls
+
+
+_CHECK = """
+import torch
+from gptqkit.kernels import cpu
+from gptqkit.quant import gptq
+g = torch.Generator().manual_seed(4)
+W = torch.randn(40, 192, generator=g)
+X = torch.randn(600, 192, generator=g)
+H = 2 * X.T @ X / 600
+D = 2 * (0.05 * torch.randn(600, 192, generator=g)).T @ X / 600
+out = []
+for kernel in (False, True):
+    gptq.COLUMN_KERNEL = kernel
+    out.append(gptq.gptq_solve(W, H, 4, 64, False, True, False, mse=True, blocksize=48, dXXt=D))
+a, b = out
+assert cpu.addr_fused_width(True) is not None and cpu.addr_fused_width(False) is not None, "unexplained"
+assert torch.equal(a.q, b.q) and a.loss == b.loss, (int((a.q != b.q).sum()), a.loss, b.loss)
+print(torch.backends.cpu.get_cpu_capability(), cpu.addr_fused_width(True), cpu.addr_fused_width(False))
+"""
+
+
+@pytest.mark.parametrize("cap", ["default", "avx2", "avx512"])
+def test_exact_under_each_torch_capability(cap):
+    """torch dispatches addr_ to the DEFAULT, AVX2 or AVX-512 build of its kernels by the CPU (or
+    ATEN_CPU_CAPABILITY): the measured width must make the kernel exact under each of them that
+    this machine can run."""
+    import os
+    import subprocess
+    import sys
+    order = ["default", "avx2", "avx512"]
+    have = torch.backends.cpu.get_cpu_capability().lower()
+    if have not in order or order.index(cap) > order.index(have):
+        pytest.skip(f"this CPU runs torch's {have} kernels at most")
+    r = subprocess.run([sys.executable, "-c", _CHECK], env={**os.environ, "ATEN_CPU_CAPABILITY": cap},
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split()[0].lower() == cap

@@ -380,13 +380,36 @@ def clip_search(w: torch.Tensor, bits: int, sym: bool, zero_min: int, norm: floa
     return (scale, zero, err) if errors else (scale, zero)
 
 
-def addr_fused_width() -> int:
-    """How many leading elements of each row torch's addr_ computes with one fused multiply-add:
-    ATen's vectorized loop fuses whole vectors (16 floats with AVX-512, 8 with AVX2) and rounds
-    twice in the scalar tail; 0 (never fused) for other builds (the kernel is then not bit-equal
-    to torch's loop, only within fp32 rounding of it)."""
-    cap = torch.backends.cpu.get_cpu_capability() if torch.backends.cpu is not None else ""
-    return {"AVX512": 16, "AVX2": 8}.get(cap, 0)
+@functools.lru_cache(maxsize=None)
+def addr_fused_width(contiguous: bool = True) -> int | None:
+    """How many leading elements of a row torch's addr_ (w + α·a·b) computes with one fused
+    multiply-add, rounding twice in the rest: ATen's vectorized loop fuses whole vector chunks
+    and rounds twice in its scalar tail (16 on this project's AVX-512 and AVX2 builds of torch
+    2.13, 0 on its DEFAULT build and wherever b is read strided). Measured once per process on
+    torch's own addr_ (an fp64 product is exact, so fp64 then fp32 gives the fused value); None,
+    with a log line, if no width explains it (the C++ column loop then runs unfused, within fp32
+    rounding of the torch loop, not bit-equal)."""
+    g = torch.Generator().manual_seed(0)
+    rows, explained = 256, []
+    for L in (5, 11, 19, 29, 45, 70, 97):  # lengths at which every candidate width splits differently
+        W = torch.randn(rows, L + 8, generator=g)[:, 3:3 + L]   # a row slice of a wider block, as in the solver
+        e = torch.randn(rows, generator=g)
+        hs = torch.randn(L * 3, generator=g)
+        h = hs[:L] if contiguous else hs[::3]                  # strided: a column-major factor's row
+        got = W.clone().addr_(e, h, alpha=-1)
+        unfused = W - e[:, None] * h[None]
+        fused = (W.double() - e.double()[:, None] * h.double()[None]).float()
+        is_fused = (got == fused).all(0) & (got != unfused).any(0)
+        is_unfused = (got == unfused).all(0)
+        explained.append({w for w in (0, 2, 4, 8, 16, 32, 64)
+                          if bool(is_fused[:L // w * w if w else 0].all())
+                          and bool(is_unfused[L // w * w if w else 0:].all())})
+    widths = set.intersection(*explained)
+    if len(widths) == 1:
+        return widths.pop()
+    log.info("torch's addr_ fuses no fixed prefix of a row here (contiguous=%s): the C++ GPTQ column loop "
+             "runs unfused, within fp32 rounding of the torch loop", contiguous)
+    return None
 
 
 def gptq_columns(W1: torch.Tensor, i0: int, i1: int, Hinv1: torch.Tensor, S: torch.Tensor, Z: torch.Tensor,
@@ -406,8 +429,8 @@ def gptq_columns(W1: torch.Tensor, i0: int, i1: int, Hinv1: torch.Tensor, S: tor
         return False
     # torch's addr_ fuses only where it reads the rows of the matrix contiguously (the Cholesky
     # factor comes column-major); the kernel reads rows of the block (64 KiB) contiguous
-    fwh = addr_fused_width() if Hinv1.stride(-1) == 1 else 0
-    fwp = 0 if P1 is None else addr_fused_width() if P1.stride(-1) == 1 else 0
+    fwh = addr_fused_width(Hinv1.stride(-1) == 1) or 0
+    fwp = 0 if P1 is None else addr_fused_width(P1.stride(-1) == 1) or 0
     Hinv1 = Hinv1 if Hinv1.stride(-1) == 1 else Hinv1.contiguous()
     P1 = P1 if P1 is None or P1.stride(-1) == 1 else P1.contiguous()
     lib = get_lib()

@@ -951,10 +951,11 @@ int gk_clip_search(const float* W, int rows, int cols, long ldw, const float* wt
 // same bits: q = clamp(round(x / s) + z, 0, maxq), err = (x − s·(q − z)) / Hinv[i, i], and the
 // rank-1 updates of torch's addr_ (w + α·a·b), which ATen's vectorized loop fuses into one FMA
 // for the first floor(L / fw)·fw elements of a row of length L and rounds twice in its scalar
-// tail: fwh / fwp (the updates through Hinv1 / P1) are Vectorized<float>'s width in the torch
-// build that runs (16 with AVX-512, 8 with AVX2) where torch reads that matrix's rows contiguously,
-// 0 (never fused: ATen's scalar loop) where it reads them strided, e.g. the Cholesky factor's
-// column-major rows; the caller passes them. Hence this sits in the no-contraction region.
+// tail: fwh / fwp (the updates through Hinv1 / P1) are that prefix's granularity, which the
+// caller measures on torch's own addr_ (kernels/cpu.py::addr_fused_width: 16 with torch 2.13's
+// AVX-512 and AVX2 kernels where it reads the matrix's rows contiguously, 0 on its DEFAULT build
+// and where it reads them strided, e.g. the Cholesky factor's column-major rows). Hence this sits
+// in the no-contraction region.
 //
 // W1 [N, ldw]: the block's current weights (updated in place); Hinv1 [B, ldh]: the block of the
 // inverse Hessian's Cholesky factor; S, Z [groups, ldg]: grids, column i uses group gcol[i − i0];
