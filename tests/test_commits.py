@@ -56,3 +56,13 @@ def test_foreground_runs_inside_submit():
     where = []
     c.submit(lambda: where.append(threading.current_thread() is threading.main_thread()))
     assert where == [True]
+
+
+def test_wait_with_timeout_leaves_a_stuck_job():
+    """Ctrl-C must not hang on a write that does not finish (driver._settle waits a bounded time)."""
+    c = Commits(background=True)
+    gate = threading.Event()
+    c.submit(gate.wait)
+    assert c.wait(0.05) is False
+    gate.set()
+    assert c.wait() is True

@@ -8,8 +8,9 @@ One job at a time, in submission order: submit() first waits for the previous jo
 state never runs ahead of the files, and at most one block's writes are pending. An error in a
 job (or a test fault hook's KeyboardInterrupt) is raised in the caller's thread at the next
 submit() or wait(). Without `background` (torch.distributed, whose collectives belong to the
-main thread, and --max-memory, whose forwards write the run folder's hidden states themselves)
-every job runs inside submit().
+main thread; --max-memory, whose forwards write the run folder's hidden states themselves; and
+the test fault hooks of rundir.fault_hook, which must fire in the main thread to act like a
+signal there) every job runs inside submit().
 """
 from __future__ import annotations
 
@@ -37,11 +38,15 @@ class Commits:
         self._thread = threading.Thread(target=run, name="gptqkit-commit", daemon=True)
         self._thread.start()
 
-    def wait(self) -> None:
-        """Until the last job is done; raises its error."""
+    def wait(self, timeout: float | None = None) -> bool:
+        """Until the last job is done (False: still running after `timeout` seconds); raises its
+        error."""
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                return False
             self._thread = None
         if self._error is not None:
             e, self._error = self._error, None
             raise e
+        return True

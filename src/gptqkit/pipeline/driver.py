@@ -8,6 +8,7 @@ block's inputs (activations.py), write its tensors and commit (writer.py, rundir
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -84,7 +85,8 @@ def quantize_model(handle: ModelHandle, input_ids: torch.Tensor, config: Quantiz
     plan = _resumed_chunk(plan, run_dir)
     r = _Run(handle, spec, blocks, config, plan, run_dir, QuantizeReport(out=str(out), calib_tokens=plan.calib_tokens),
              t_start)
-    r.commits = Commits(background=not collective.active() and not plan.offload)
+    r.commits = Commits(background=not collective.active() and not plan.offload
+                        and not os.environ.get("GPTQKIT_FAULT"))
     i = start = run_dir.next_block
     try:
         _begin(r, start)
@@ -108,11 +110,19 @@ def quantize_model(handle: ModelHandle, input_ids: torch.Tensor, config: Quantiz
     return r.report
 
 
+# How long an error or Ctrl-C waits for the block being written before it leaves anyway (a hung
+# disk must not hang Ctrl-C; the run state is only replaced once the files are complete, so
+# leaving early costs at most that block on --resume).
+SETTLE_SECONDS = 30.0
+
+
 def _settle(commits: Commits) -> None:
     """A block still being written is finished (so it is kept for --resume) before an error
     or Ctrl-C leaves the run; the error that left is the one reported."""
     try:
-        commits.wait()
+        if not commits.wait(SETTLE_SECONDS):
+            log.warning("the last finished block is still being written after %.0f s; leaving without it "
+                        "(--resume redoes it)", SETTLE_SECONDS)
     except BaseException:  # noqa: BLE001  already leaving with another exception
         pass
 
