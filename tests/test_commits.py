@@ -66,3 +66,18 @@ def test_wait_with_timeout_leaves_a_stuck_job():
     assert c.wait(0.05) is False
     gate.set()
     assert c.wait() is True
+
+
+def test_settle_waits_once_for_a_stuck_write(monkeypatch):
+    """Ctrl-C settles in quantize_model's except and again in its finally: a stuck write costs
+    one SETTLE_SECONDS, not two."""
+    from gptqkit.pipeline import driver
+    monkeypatch.setattr(driver, "SETTLE_SECONDS", 0.2)
+    c = Commits(background=True)
+    gate = threading.Event()
+    c.submit(gate.wait)
+    t = time.perf_counter()
+    driver._settle(c)
+    driver._settle(c)
+    assert time.perf_counter() - t < 0.35
+    gate.set()

@@ -50,3 +50,8 @@ class Commits:
             e, self._error = self._error, None
             raise e
         return True
+
+    def abandon(self) -> None:
+        """Stop waiting for a job that wait(timeout) left running (it goes on, unjoined; later
+        waits return at once)."""
+        self._thread = None

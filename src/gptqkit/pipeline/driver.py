@@ -121,6 +121,7 @@ def _settle(commits: Commits) -> None:
     or Ctrl-C leaves the run; the error that left is the one reported."""
     try:
         if not commits.wait(SETTLE_SECONDS):
+            commits.abandon()  # the except and the finally both settle: one wait in all
             log.warning("the last finished block is still being written after %.0f s; leaving without it "
                         "(--resume redoes it)", SETTLE_SECONDS)
     except BaseException:  # noqa: BLE001  already leaving with another exception
