@@ -1,6 +1,8 @@
 """Giving freed heap memory back to the OS, shared by the quantization pipeline and the loader."""
 from __future__ import annotations
 
+import os as _os
+
 _malloc_trim = None
 
 
@@ -47,3 +49,47 @@ def return_large_buffers() -> None:
         libc.mallopt(-8, _ARENA_MAX)
     except (OSError, AttributeError):
         pass
+
+
+
+class reuse_large_buffers:
+    """Context manager for a quantization run: freed CPU buffers of 1 MiB or more are kept for the
+    next request of about their size (kernels/csrc/buffer_cache.cpp) instead of each being a fresh
+    mmap that the kernel zeroes page by page on first touch (the price of return_large_buffers'
+    fixed threshold, which keeps the peak bounded). The calibration chunks repeat the same shapes
+    block after block, so most activations land on pages already touched. What is kept is capped
+    by `cap` and by the rule that buffers in use plus kept never exceed the most ever in use at
+    once, so the peak does not grow. 3-block SmolLM2 copy, 64 x 512 tokens, 1 thread: minor faults
+    2.07-2.10 M -> 0.62 M, system time 6.6-7.1 -> 3.4-4.2 s, the same bytes, peak 1,057-1,061 vs
+    1,073-1,082 MiB. A no-op where the C++ op cannot be built, or with GPTQKIT_BUFFER_CACHE=0.
+    """
+
+    active = False  # one run at a time uses the cache (the allocator is process-wide)
+
+    def __init__(self, cap: int):
+        self.cap, self.on = cap, False
+
+    def __enter__(self) -> "reuse_large_buffers":
+        if self.cap > 0 and not reuse_large_buffers.active and _os.environ.get("GPTQKIT_BUFFER_CACHE", "1") != "0":
+            import torch
+            from .kernels import cpu
+            if cpu.get_op() is not None:
+                self.on = bool(torch.ops.gptqkit.buffer_cache(self.cap, _MMAP_THRESHOLD)[0])
+                reuse_large_buffers.active = self.on
+        return self
+
+    def stats(self) -> dict | None:
+        """Requests served from the cache (hits), by a fresh mmap (misses), cached buffers
+        unmapped to make room (evicted), bytes cached now, buffers in use; None when off."""
+        if not self.on:
+            return None
+        import torch
+        on, hits, misses, evicted, cached, live = torch.ops.gptqkit.buffer_cache(self.cap, 0)
+        return dict(hits=hits, misses=misses, evicted=evicted, cached_bytes=cached, live=live)
+
+    def __exit__(self, *exc) -> None:
+        if self.on:
+            import torch
+            torch.ops.gptqkit.buffer_cache(0, 0)  # the previous allocator back, the cache unmapped
+            self.on = reuse_large_buffers.active = False
+

@@ -13,13 +13,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import psutil
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import QuantizeConfig
 from ..errors import InterruptedRunError
-from ..heap import release_heap, return_large_buffers
+from ..heap import release_heap, return_large_buffers, reuse_large_buffers
 from ..models.arch import ArchSpec, get_module, prepare_block, spec_for
 from ..models.source import ModelHandle
 from . import collective
@@ -28,7 +29,7 @@ from .block import BlockQuantizer
 from .capture import BlockInputs, capture_inputs
 from .head import quantize_lm_head
 from .linears import block_jobs, check_layers_fit
-from .plan import RunPlan, make_plan
+from .plan import RunPlan, make_plan, parse_size
 from .quant_log import LayerLog, QuantizeReport
 from .commits import Commits
 from .rundir import RunDir, fault_hook
@@ -88,6 +89,7 @@ def quantize_model(handle: ModelHandle, input_ids: torch.Tensor, config: Quantiz
     r.commits = Commits(background=not collective.active() and not plan.offload
                         and not os.environ.get("GPTQKIT_FAULT"))
     i = start = run_dir.next_block
+    cache = reuse_large_buffers(_buffer_cache_cap(max_memory)).__enter__()
     try:
         _begin(r, start)
         bar = tqdm(range(start, len(blocks)), desc="quantizing blocks", disable=not progress or plan.rank != 0,
@@ -106,8 +108,19 @@ def quantize_model(handle: ModelHandle, input_ids: torch.Tensor, config: Quantiz
             "Run the same command with --resume (resume=True) to continue") from e
     finally:
         _settle(r.commits)
+        if cache.on:
+            log.debug("large-buffer cache: %s", cache.stats())
+        cache.__exit__(None, None, None)
         run_dir.release()  # the lock on <out>.partial, whatever happened
     return r.report
+
+
+def _buffer_cache_cap(max_memory: int | str | None) -> int:
+    """Bytes of freed large buffers kept for reuse (heap.reuse_large_buffers): at most an eighth
+    of the free memory (or of --max-memory) and 1 GiB; the cache itself never lets its buffers
+    in use plus kept exceed the most ever in use, so this cap only matters when memory is short."""
+    free = psutil.virtual_memory().available
+    return min(min(free, parse_size(max_memory) or free) // 8, 1 << 30)
 
 
 # How long an error or Ctrl-C waits for the block being written before it leaves anyway (a hung

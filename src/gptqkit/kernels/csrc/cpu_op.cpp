@@ -13,6 +13,7 @@
 // tiles, same order of the bias add and dtype casts), so the two paths are bit-equal; the
 // tests check that.
 #include "cpu_kernels.cpp"
+#include "buffer_cache.cpp"
 
 #include <torch/library.h>
 #include <ATen/core/Tensor.h>
@@ -124,6 +125,8 @@ extern "C" int gk_op_abi_version(void) { return 1; }
 TORCH_LIBRARY(gptqkit, m) {
     m.def("cpu_linear(Tensor x, Tensor w, Tensor s, Tensor sz, Tensor seg, Tensor gk, Tensor? perm, "
           "Tensor? bias, int N, int bits, int dp, int gemm_min_m, int tile_bytes) -> Tensor");
+    // the large-buffer cache of quantization (buffer_cache.cpp, gptqkit/heap.py)
+    m.def("buffer_cache(int cap, int threshold) -> int[]", &gk_cache::configure);
 }
 
 TORCH_LIBRARY_IMPL(gptqkit, CPU, m) { m.impl("cpu_linear", &cpu_linear); }
