@@ -17,6 +17,9 @@ Per subprocess, batch 1, random token ids (seeded, identical for every variant):
   median of --inner timed calls -> prompt tokens / s.
 * decode (manual loop): after the prefill, --new tokens (default 64) one at a time, greedy
   (argmax), with past_key_values (DynamicCache); timed loop excludes the prefill -> tokens / s.
+* decode (manual loop, own cache): the same loop with the KV cache the model's generate() makes:
+  GrowingCache for a model from gptqkit.load, DynamicCache for a plain transformers model (there it
+  repeats the loop above) -> "decode vs fp32 (own caches)", what a user of each gets.
 * decode (generate): model.generate(prompt, max_new_tokens=min_new_tokens=--new, greedy);
   reported as total seconds and as (new - 1) / (t_generate - t_prefill) tokens / s (generate's
   first token comes out of the prefill).
@@ -132,9 +135,11 @@ def worker(a) -> dict:
         res["prefill_s"] = t_pre
         res["prefill_tok_s"] = a.prompt / t_pre
 
-        # decode, manual loop
-        def decode(n):
-            out = model(prompt, use_cache=True)
+        # decode, manual loop (own=True: with the KV cache the model's generate() makes)
+        def decode(n, own=False):
+            past = own_cache(model, a.prompt + n + 1) if own else None
+            out = model(prompt, past_key_values=past, use_cache=True) if past is not None else \
+                model(prompt, use_cache=True)
             past = out.past_key_values
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
             toks = [nxt]
@@ -155,6 +160,16 @@ def worker(a) -> dict:
         res["decode_tok_s"] = a.new / t_dec
         res["decode_ms_per_token"] = t_dec / a.new * 1e3
         res["decode_tokens_head"] = toks[0, :8].tolist()
+        # the same loop with the cache a user's generate() gets: GrowingCache on a model from
+        # gptqkit.load, transformers' DynamicCache on a plain one (then this repeats the loop above)
+        res["own_cache"] = type(own_cache(model, 8) or out.past_key_values).__name__
+        decode(4, own=True)
+        ds = []
+        for _ in range(a.inner):
+            dt, toks_own = decode(a.new, own=True)
+            ds.append(dt)
+        res["decode_own_tok_s"] = a.new / statistics.median(ds)
+        res["decode_own_same_tokens"] = bool(torch.equal(toks, toks_own))
 
         # decode, generate
         if a.generate:
@@ -176,6 +191,15 @@ def worker(a) -> dict:
     res["rss_peak_mb"] = _status_kb("VmHWM") / 1024
     res["rss_end_mb"] = _status_kb("VmRSS") / 1024
     return res
+
+
+def own_cache(model, capacity: int):
+    """The KV cache model.generate() would make: a GrowingCache where gptqkit.load installed it
+    (models/kv_cache.py::use_growing_cache), else None (the model's own DynamicCache)."""
+    if "_prepare_cache_for_generation" not in vars(model):
+        return None
+    from gptqkit.models.kv_cache import GrowingCache
+    return GrowingCache(config=model.config, capacity=capacity)
 
 
 def breakdown(model, step_s: float, reps: int) -> dict:
@@ -234,7 +258,7 @@ def driver(a) -> dict:
                 raise SystemExit(f"worker {v} failed")
             res = json.loads(p.stdout.strip().splitlines()[-1])
             log("   ", {k: (round(x, 3) if isinstance(x, float) else x) for k, x in res.items()
-                       if k in ("prefill_tok_s", "decode_tok_s", "generate_decode_tok_s", "rss_start_mb", "rss_after_load_mb", "rss_after_load_trim_mb",
+                       if k in ("prefill_tok_s", "decode_tok_s", "decode_own_tok_s", "own_cache", "generate_decode_tok_s", "rss_start_mb", "rss_after_load_mb", "rss_after_load_trim_mb",
                                 "rss_peak_mb")})
             rounds[v].append(res)
 
@@ -248,12 +272,16 @@ def driver(a) -> dict:
                                     "generate_decode_tok_s", "rss_start_mb", "rss_after_load_mb", "rss_after_load_trim_mb", "rss_peak_mb", "weight_mb",
                                     "state_dict_mb", "derived_mb", "load_s")}
         s["decode_tok_s_rounds"] = [r["decode_tok_s"] for r in rounds[v]]
+        s["decode_own_tok_s"] = med(v, "decode_own_tok_s")
+        s["decode_own_tok_s_rounds"] = [r.get("decode_own_tok_s") for r in rounds[v]]
+        s["own_cache"] = rounds[v][0].get("own_cache") if rounds[v] else None
+        s["decode_own_same_tokens"] = all(r.get("decode_own_same_tokens") for r in rounds[v])
         if rounds[v] and "breakdown" in rounds[v][0]:
             s["breakdown"] = {k: med(v, k, "breakdown") for k in rounds[v][0]["breakdown"]}
         summary[v] = s
     if "fp32" in summary:
         for v in variants:
-            for k in ("prefill_tok_s", "decode_tok_s", "generate_decode_tok_s"):
+            for k in ("prefill_tok_s", "decode_tok_s", "decode_own_tok_s", "generate_decode_tok_s"):
                 if summary[v].get(k) and summary["fp32"].get(k):
                     summary[v][k.replace("_tok_s", "") + "_vs_fp32"] = summary[v][k] / summary["fp32"][k]
     import torch
@@ -267,12 +295,15 @@ def table(path: str) -> str:
     d = json.load(open(path))
     s = d["summary"]
     f = lambda x, n=1: "–" if x is None else f"{x:.{n}f}"  # noqa: E731
-    lines = ["| variant | prefill tok/s | decode tok/s (loop) | ms/token | decode tok/s (generate) | "
-             "decode vs fp32 | prefill vs fp32 | RSS after load MB (after malloc_trim) | peak RSS MB | weights MB | derived MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | prefill tok/s | decode tok/s (loop) | ms/token | decode tok/s (loop, own cache) | "
+             "decode tok/s (generate) | decode vs fp32 | decode vs fp32 (own caches) | prefill vs fp32 | "
+             "RSS after load MB (after malloc_trim) | peak RSS MB | weights MB | derived MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for v, r in s.items():
+        own = f"{f(r.get('decode_own_tok_s'))} ({r.get('own_cache') or '–'})"
         lines.append(f"| {v} | {f(r['prefill_tok_s'])} | {f(r['decode_tok_s'])} | {f(r['decode_ms_per_token'], 2)} | "
-                     f"{f(r['generate_decode_tok_s'])} | {f(r.get('decode_vs_fp32'), 2)}× | "
+                     f"{own} | {f(r['generate_decode_tok_s'])} | {f(r.get('decode_vs_fp32'), 2)}× | "
+                     f"{f(r.get('decode_own_vs_fp32'), 2)}× | "
                      f"{f(r.get('prefill_vs_fp32'), 2)}× | {f(r['rss_after_load_mb'], 0)} ({f(r.get('rss_after_load_trim_mb'), 0)}) | {f(r['rss_peak_mb'], 0)} | "
                      f"{f(r['weight_mb'], 0)} | {f(r['derived_mb'], 0)} |")
     lines += ["", "| variant | decode step ms | linears ms (n) | lm_head ms | rest ms | linears % | lm_head % | rest % |",
