@@ -127,3 +127,13 @@ def test_quantize_writes_the_same_bytes_with_the_cache(tmp_path, tiny_llama_dir,
         outs[flag] = (out / "model.safetensors").read_bytes()
     assert served and served[0] > 0
     assert outs["1"] == outs["0"]
+
+
+def test_cap_follows_memory_and_device():
+    from types import SimpleNamespace
+
+    from gptqkit.pipeline.driver import _buffer_cache_cap
+    cpu_handle, gpu_handle = SimpleNamespace(device="cpu"), SimpleNamespace(device="cuda:0")
+    assert 0 < _buffer_cache_cap(cpu_handle, None) <= 1 << 30
+    assert _buffer_cache_cap(cpu_handle, "800MB") <= 100_000_000   # an eighth of --max-memory
+    assert _buffer_cache_cap(gpu_handle, None) == 0                # activations live on the GPU

@@ -51,7 +51,6 @@ def return_large_buffers() -> None:
         pass
 
 
-
 class reuse_large_buffers:
     """Context manager for a quantization run: freed CPU buffers of 1 MiB or more are kept for the
     next request of about their size (kernels/csrc/buffer_cache.cpp) instead of each being a fresh
@@ -92,4 +91,3 @@ class reuse_large_buffers:
             import torch
             torch.ops.gptqkit.buffer_cache(0, 0)  # the previous allocator back, the cache unmapped
             self.on = reuse_large_buffers.active = False
-

@@ -89,7 +89,7 @@ def quantize_model(handle: ModelHandle, input_ids: torch.Tensor, config: Quantiz
     r.commits = Commits(background=not collective.active() and not plan.offload
                         and not os.environ.get("GPTQKIT_FAULT"))
     i = start = run_dir.next_block
-    cache = reuse_large_buffers(_buffer_cache_cap(max_memory)).__enter__()
+    cache = reuse_large_buffers(_buffer_cache_cap(handle, max_memory)).__enter__()
     try:
         _begin(r, start)
         bar = tqdm(range(start, len(blocks)), desc="quantizing blocks", disable=not progress or plan.rank != 0,
@@ -115,10 +115,13 @@ def quantize_model(handle: ModelHandle, input_ids: torch.Tensor, config: Quantiz
     return r.report
 
 
-def _buffer_cache_cap(max_memory: int | str | None) -> int:
+def _buffer_cache_cap(handle: ModelHandle, max_memory: int | str | None) -> int:
     """Bytes of freed large buffers kept for reuse (heap.reuse_large_buffers): at most an eighth
     of the free memory (or of --max-memory) and 1 GiB; the cache itself never lets its buffers
-    in use plus kept exceed the most ever in use, so this cap only matters when memory is short."""
+    in use plus kept exceed the most ever in use, so this cap only matters when memory is short.
+    0 (off) when the model computes on an accelerator: its activations are not CPU buffers."""
+    if torch.device(handle.device).type != "cpu":
+        return 0
     free = psutil.virtual_memory().available
     return min(min(free, parse_size(max_memory) or free) // 8, 1 << 30)
 
