@@ -7,7 +7,10 @@ Variants: `fp32` / `bf16` (AutoModelForCausalLM.from_pretrained(base, dtype=...)
 checkpoint loaded with gptqkit.load, default backend, fp32 activations), `q4-bf16` (the same with
 dtype=torch.bfloat16: bf16 activations and non-quantized weights), `q4-torch` (backend="torch")
 and `q4-head` (the --q4-head checkpoint, made with `gptqkit quantize --lm-head`: its lm_head is
-4-bit too and untied from the embedding; not in the default --variants).
+4-bit too and untied from the embedding; not in the default --variants). Also opt-in: `fp32-lean`
+(the fp32 model with gptqkit's lean decode step, models/decode.py, turned on: what that step alone
+gives a plain model) and `q4-hf` (the q4 model with it off, GPTQKIT_LEAN_DECODE=0: transformers'
+forward at every step).
 Each measurement runs in its own fresh subprocess (so RSS figures are that variant's alone), and
 the rounds are interleaved: round 1 runs every variant once, then round 2, ... ; the report gives
 the median over rounds (and every round's values).
@@ -42,7 +45,8 @@ import subprocess
 import sys
 import time
 
-VARIANTS = ("fp32", "bf16", "q4", "q4-bf16", "q4-torch", "q4-head")
+VARIANTS = ("fp32", "bf16", "q4", "q4-bf16", "q4-torch", "q4-head", "fp32-lean", "q4-hf")
+OPT_IN = ("q4-head", "fp32-lean", "q4-hf")  # not in the default --variants
 
 
 def log(*a) -> None:
@@ -67,11 +71,16 @@ def worker(a) -> dict:
     torch.manual_seed(0)
     rss_start = _status_kb("VmRSS")
     t0 = time.perf_counter()
-    if a.variant in ("fp32", "bf16"):
-        dtype = torch.float32 if a.variant == "fp32" else torch.bfloat16
+    if a.variant in ("fp32", "bf16", "fp32-lean"):
+        dtype = torch.bfloat16 if a.variant == "bf16" else torch.float32
         model = AutoModelForCausalLM.from_pretrained(a.base, dtype=dtype)
+        if a.variant == "fp32-lean":
+            from gptqkit.models import decode
+            assert decode.enable(model) is not None, "no lean decode step for this model"
     else:
         import gptqkit
+        if a.variant == "q4-hf":
+            os.environ["GPTQKIT_LEAN_DECODE"] = "0"
         model = gptqkit.load(a.q4_head if a.variant == "q4-head" else a.q4,
                              backend="torch" if a.variant == "q4-torch" else None,
                              dtype=torch.bfloat16 if a.variant == "q4-bf16" else None)
@@ -114,6 +123,7 @@ def worker(a) -> dict:
     g = torch.Generator().manual_seed(1234)
     prompt = torch.randint(100, vocab - 100, (1, a.prompt), generator=g)
 
+    lean = getattr(model, "_gptqkit_lean", None)
     res = {"variant": a.variant, "threads": torch.get_num_threads(), "load_s": load_s,
            "rss_start_mb": rss_start / 1024, "rss_after_load_mb": rss_load / 1024,
            "rss_after_load_trim_mb": rss_trim / 1024 if rss_trim is not None else None,
@@ -188,6 +198,8 @@ def worker(a) -> dict:
         if a.breakdown:
             res["breakdown"] = breakdown(model, t_dec / a.new, a.reps_breakdown)
 
+    # how many forward calls took the lean decode step (models/decode.py), and how many did not
+    res["lean_decode"] = None if lean is None else {"steps": lean.steps, "fallbacks": lean.fallbacks}
     res["rss_peak_mb"] = _status_kb("VmHWM") / 1024
     res["rss_end_mb"] = _status_kb("VmRSS") / 1024
     return res
@@ -275,6 +287,7 @@ def driver(a) -> dict:
         s["decode_own_tok_s"] = med(v, "decode_own_tok_s")
         s["decode_own_tok_s_rounds"] = [r.get("decode_own_tok_s") for r in rounds[v]]
         s["own_cache"] = rounds[v][0].get("own_cache") if rounds[v] else None
+        s["lean_decode"] = rounds[v][0].get("lean_decode") if rounds[v] else None
         s["decode_own_same_tokens"] = all(r.get("decode_own_same_tokens") for r in rounds[v])
         if rounds[v] and "breakdown" in rounds[v][0]:
             s["breakdown"] = {k: med(v, k, "breakdown") for k in rounds[v][0]["breakdown"]}
@@ -328,7 +341,7 @@ def main() -> None:
     ap.add_argument("--q4", default=None, help="GPTQ checkpoint of the same model")
     ap.add_argument("--q4-head", default=None, help="GPTQ checkpoint with a quantized lm_head "
                     "(gptqkit quantize --lm-head): variant q4-head")
-    ap.add_argument("--variants", default=",".join(v for v in VARIANTS if v != "q4-head"))
+    ap.add_argument("--variants", default=",".join(v for v in VARIANTS if v not in OPT_IN))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--inner", type=int, default=3, help="timed repetitions inside each subprocess (median)")
     ap.add_argument("--prompt", type=int, default=512)

@@ -45,6 +45,7 @@ class GrowingLayer(DynamicLayer):
         self.capacity_hint = capacity
         self._kbuf: torch.Tensor | None = None
         self._vbuf: torch.Tensor | None = None
+        self._handed: tuple | None = None  # the (keys, values) views handed out last
 
     @property
     def capacity(self) -> int:
@@ -77,12 +78,16 @@ class GrowingLayer(DynamicLayer):
                ) -> tuple[torch.Tensor, torch.Tensor]:
         if key_states.requires_grad or value_states.requires_grad:
             # autograd: DynamicCache's cat (and drop the buffer, whose views are no longer handed out)
-            self._kbuf = self._vbuf = None
+            self._kbuf = self._vbuf = self._handed = None
             return super().update(key_states, value_states, *args, **kwargs)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n = key_states.shape[-2]
-        if self._owns_views():
+        h = self._handed
+        # the views handed out last, still in place (the common case: one check by identity), or
+        # an equivalent view (after a crop, say)
+        if ((h is not None and self.keys is h[0] and self.values is h[1]
+             and (torch.is_inference_mode_enabled() or not h[0].is_inference())) or self._owns_views()):
             old_k, old_v, filled = None, None, self.keys.shape[-2]
         else:  # first update, or keys/values replaced by someone else: adopt them
             filled = self.get_seq_length()
@@ -104,10 +109,11 @@ class GrowingLayer(DynamicLayer):
         self._vbuf[..., filled:need, :].copy_(value_states)
         self.keys = self._kbuf[..., :need, :]
         self.values = self._vbuf[..., :need, :]
+        self._handed = (self.keys, self.values)
         return self.keys, self.values
 
     def reset(self) -> None:
-        self._kbuf = self._vbuf = None
+        self._kbuf = self._vbuf = self._handed = None
         super().reset()
 
 

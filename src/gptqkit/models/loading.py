@@ -216,6 +216,8 @@ def _load_quantized(path, *, backend, device, dtype, trust_remote_code) -> nn.Mo
     if backend != "torch":  # the torch reference stays torch end to end
         from ..kernels.cpu import use_fast_head
         use_fast_head(model)  # an fp32 CPU lm_head at decode: a GEMV at the memory's rate (else a no-op)
+    from .decode import enable as lean_decode
+    lean_decode(model)  # one-token steps without transformers' per-call machinery (llama family, CPU)
     return model
 
 
