@@ -61,6 +61,8 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--seeds", type=int, default=1, help="calibration draws: seeds 0..N-1")
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="start the draws here (seeds F..F+N-1), to add draws to an earlier run")
     ap.add_argument("--rows", default="4bit-g128,4bit-g64,3bit-g64")
     ap.add_argument("--variants", default="default")
     ap.add_argument("--extra", default="{}", help="JSON of settings added to every variant, e.g. '{\"damp_percent\": 0.1}'")
@@ -90,7 +92,7 @@ def main() -> None:
 
     fp = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     result = {"model": str(path), "nsamples": a.nsamples, "seqlen": a.seqlen, "eval_windows": a.windows,
-              "seeds": a.seeds, "threads": torch.get_num_threads(), "extra": json.loads(a.extra),
+              "seeds": a.seeds, "first_seed": a.first_seed, "threads": torch.get_num_threads(), "extra": json.loads(a.extra),
               "commit": _commit(), "fp_ppl": ppl(fp), "rows": []}
     del fp
     print(f"FP perplexity {result['fp_ppl']:.3f}", file=sys.stderr, flush=True)
@@ -116,7 +118,7 @@ def main() -> None:
             for vname in a.variants.split(","):
                 cfg = gptqkit.QuantizeConfig(**ROWS[rname], **{**VARIANTS[vname], **extra})
                 ppls, secs = [], []
-                for seed in range(a.seeds):
+                for seed in range(a.first_seed, a.first_seed + a.seeds):
                     v, s = run(f"{rname}-{vname}-{seed}", cfg, seed)
                     ppls.append(v)
                     secs.append(s)
