@@ -276,6 +276,19 @@ def test_ctrl_c_keeps_partial_and_cli_says_how_to_resume(tiny_llama_dir, tiny_te
     monkeypatch.delenv("GPTQKIT_FAULT")
     assert main(args + ["--resume"]) == 0
     assert (out / "model.safetensors").is_file() and not (tmp_path / "q.partial").exists()
+    # the summary counts the interrupted run's seconds too
+    assert json.loads(capsys.readouterr().out)["quantize_seconds_before_resume"] > 0
+
+
+def test_model_folder_without_tokenizer(tiny_llama_dir, tiny_text_file, tmp_path, capsys):
+    src = tmp_path / "no-tok"
+    src.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_llama_dir / f, src / f)
+    rc, err = _cli(capsys, "quantize", src, "--calib", tiny_text_file, "--nsamples", "2", "--seqlen", "16",
+                   "--out", tmp_path / "q", "--no-eval")
+    _one_clear_line(rc, err, "no usable tokenizer", "tokenizer.json")
+    _no_complete_output(tmp_path / "q")
 
 
 def test_interrupted_run_error_is_a_keyboard_interrupt():

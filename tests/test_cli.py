@@ -143,3 +143,15 @@ def test_generate_bad_and_empty_prompt(cli_checkpoint, capsys):
     rc, stdout, stderr = _run(capsys, "generate", out, "", "--max-new-tokens", "3", "--json")
     assert rc == 0, stderr
     assert json.loads(stdout)["new_tokens"] >= 1
+
+
+def test_summary_counts_the_interrupted_run():
+    from gptqkit.cli import _summary_text
+    from gptqkit.pipeline.quant_log import QuantizeReport
+    r = {"out": "x", "size_before_bytes": 1 << 20, "size_after_bytes": 1 << 19, "bits_per_param": 4.2,
+         "seconds": {"quantize": 3.0, "total": 4.0}, "peak_rss_mb": 100.0}
+    rep = QuantizeReport(out="x", forwards=2, calib_tokens=64)
+    assert "interruption" not in _summary_text(r, rep, 512)
+    line = [ln for ln in _summary_text({**r, "quantize_seconds_before_resume": 5.5}, rep, 512).splitlines()
+            if ln.startswith("quantized")][0]
+    assert "3.0 s + 5.5 s before the interruption" in line

@@ -93,6 +93,12 @@ def test_sigkill_then_resume_is_byte_identical(deep_model, reference, tmp_path, 
     want = json.loads((reference / "quant_log.json").read_text())["layers"]
     drop = lambda rows: [{k: v for k, v in x.items() if k != "seconds"} for x in rows]  # noqa: E731
     assert drop(got) == drop(want)
+    # the report's time counts the interrupted run too, and says how much of it that was
+    log = json.loads((out / "quant_log.json").read_text())
+    if state is not None:
+        assert log["resumed_seconds"] == pytest.approx(state["seconds"]) and log["resumed_seconds"] > 0
+        assert log["seconds"] > log["resumed_seconds"]
+    assert json.loads((reference / "quant_log.json").read_text())["resumed_seconds"] == 0
 
 
 def _interrupted_partial(src: Path, out: Path, block: int = 1, **qkw) -> Path:

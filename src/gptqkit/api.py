@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .errors import ModelLoadError
 from .config import DEFAULT_NSAMPLES, DEFAULT_SEQLEN, QuantizeConfig
 from .pipeline import QuantizeReport, quantize_model
 from .pipeline.rundir import check_out
@@ -60,8 +61,16 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    """The tokenizer saved with a model or checkpoint; a folder without a usable one is refused
+    with what to copy there (transformers' own error names converters, not the missing files)."""
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as e:
+        raise ModelLoadError(
+            f"no usable tokenizer in {path} ({type(e).__name__}: {str(e).splitlines()[0].rstrip(': ')}); copy the model's "
+            "tokenizer files (tokenizer.json, tokenizer_config.json, and special_tokens_map.json or "
+            "tokenizer.model where it has them) into that folder") from e
 
 
 def quantize(model: str | Path | None, calib: str | Path | Sequence[str] | Sequence[dict], out: str | Path,

@@ -161,6 +161,8 @@ def cmd_quantize(a) -> int:
     if not rank0:
         return 0
     seconds["quantize"] = result["quantize_seconds"] = round(time.perf_counter() - t0, 2)
+    if rep.resumed_seconds:  # the interrupted run(s)' share, so the total is not understated
+        result["quantize_seconds_before_resume"] = round(rep.resumed_seconds, 2)
     result["block_forwards"] = rep.forwards
     result["calib_tokens"] = rep.calib_tokens
     result["mean_layer_loss"] = rep.to_dict()["mean_loss"]
@@ -203,8 +205,10 @@ def _summary_text(r: dict, rep, eval_seqlen: int) -> str:
     lines = ["", f"checkpoint   {r['out']}",
              f"size         {mb(r['size_before_bytes'])} -> {mb(r['size_after_bytes'])} "
              f"({r['bits_per_param']} bits per parameter overall)",
-             f"quantized    {len(rep.layers)} layers in {s['quantize']:.1f} s "
-             f"({rep.forwards:g} block forwards over {rep.calib_tokens} calibration tokens)"]
+             f"quantized    {len(rep.layers)} layers in {s['quantize']:.1f} s"
+             + (f" + {r['quantize_seconds_before_resume']:.1f} s before the interruption"
+                if r.get("quantize_seconds_before_resume") else "")
+             + f" ({rep.forwards:g} block forwards over {rep.calib_tokens} calibration tokens)"]
     if "ppl_after" in r:
         b, after = r["ppl_before"], r["ppl_after"]
         lines.append(f"perplexity   {b['perplexity']:.3f} -> {after['perplexity']:.3f} on {r['eval_text']} "

@@ -247,6 +247,7 @@ def _outside_tensors(r: _Run) -> Tensors:
 
 def _finish(r: _Run, outside: Tensors, tokenizer) -> None:
     r.report.seconds = r.seconds()
+    r.report.resumed_seconds = r.prior_seconds
 
     def finish():
         write_side_files(r.handle, r.dir.directory, r.config, tokenizer, r.report)

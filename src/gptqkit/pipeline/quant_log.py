@@ -31,7 +31,8 @@ class LayerLog:
 class QuantizeReport:
     out: str
     layers: list[LayerLog] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0         # quantizing, all runs together (a resumed run adds its own)
+    resumed_seconds: float = 0.0  # of `seconds`, those of the interrupted run(s) this one resumed
     forwards: int = 0            # block forward passes over the whole calibration set
     calib_tokens: int = 0
 
