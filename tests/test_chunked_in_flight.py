@@ -132,16 +132,28 @@ def test_ctrl_c_body(tmp_path, monkeypatch):
     _quantize(src, tmp_path / "whole", ids, monkeypatch, relay=True)
     solve = block.solve
     n = []
+    handled = threading.Event()
+
+    def on_sigint(sig, frame):  # Python's own handler, noting when the main thread ran it
+        handled.set()
+        signal.default_int_handler(sig, frame)
 
     def interrupting(job, zero_min):
         n.append(job.name)
         if len(n) == 7 + 4:  # block 1, o_proj: chunk 1 waits suspended, chunk 0 too
             os.kill(os.getpid(), signal.SIGINT)
-            threading.Event().wait(5.0)  # the main thread handles it meanwhile (slow when the machine is loaded)
+            # until the main thread has taken the signal (a fixed wait was too short on a loaded
+            # machine, and the run then finished uninterrupted)
+            assert handled.wait(120.0), "the main thread never handled SIGINT"
         solve(job, zero_min)
     monkeypatch.setattr(block, "solve", interrupting)
-    with pytest.raises(InterruptedRunError):
-        _quantize(src, tmp_path / "q", ids, monkeypatch, relay=True)
+    old = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        with pytest.raises(InterruptedRunError):
+            _quantize(src, tmp_path / "q", ids, monkeypatch, relay=True)
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert handled.is_set()
     assert not any(t.name.startswith("gptqkit-chunk") for t in threading.enumerate())
     monkeypatch.setattr(block, "solve", solve)
     _quantize(src, tmp_path / "q", ids, monkeypatch, relay=True, resume=True)
