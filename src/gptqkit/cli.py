@@ -33,6 +33,8 @@ def _eval_ppl(model, tok, source, seqlen: int, max_windows: int | None, progress
 
 def _load_any(path: str, backend: str | None, device: str):
     """A quantized checkpoint through gptqkit.load, a float model through transformers (safetensors only)."""
+    import torch
+
     from .api import load, load_tokenizer, resolve_model
     from .config import QuantizeConfig
     from .models.source import resolve_model_path
@@ -42,8 +44,11 @@ def _load_any(path: str, backend: str | None, device: str):
         model = load(p, backend=backend, device=device)
     else:
         model = _load_float(p).to(device)
+        from .models.decode import enable as lean_decode
         from .models.kv_cache import use_growing_cache
         use_growing_cache(model)  # as gptqkit.load does for quantized models
+        if torch.device(device).type == "cpu":
+            lean_decode(model)
     return model, load_tokenizer(p)
 
 
@@ -400,13 +405,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     gen = sub.add_parser("generate", help="generate text from a checkpoint")
-    gen.add_argument("model")
-    gen.add_argument("prompt")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--backend", default=None)
-    gen.add_argument("--device", default="cpu")
-    gen.add_argument("--json", action="store_true")
+    gen.add_argument("model", help="a folder or hub id: a GPTQ checkpoint (any tool's) or a float model")
+    gen.add_argument("prompt", help="the text to continue (chat templates are not applied)")
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    gen.add_argument("--temperature", type=float, default=0.0,
+                     help="0 (default): greedy; above 0: sampling at this temperature")
+    gen.add_argument("--backend", default=None,
+                     help="kernel: cpu, triton or torch (the reference); default: the fastest that runs each layer")
+    gen.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    gen.add_argument("--json", action="store_true", help="print one JSON line: prompt, completion, new_tokens, seconds")
     gen.set_defaults(func=cmd_generate)
 
     i = sub.add_parser("inspect", help="config, layers, size and bits per parameter of a checkpoint")
