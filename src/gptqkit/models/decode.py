@@ -88,6 +88,8 @@ class LeanDecode:
         self.window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
         self.steps = 0
         self.fallbacks = 0
+        # the modules whose hooks the step would bypass, listed once (a module swapped in later,
+        # e.g. an adapter around a linear, is called through its own forward anyway)
         self._modules = list(model.modules())
         self._cache_field = "cache"
         from transformers.modeling_outputs import CausalLMOutputWithPast
