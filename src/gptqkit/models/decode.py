@@ -4,8 +4,9 @@ machinery.
 Once the linears run on the CPU kernel, transformers' own Python is a large share of a 4-bit
 SmolLM2-135M decode step: the causal-mask construction, output recording, keyword arguments
 threaded through four module levels per layer. Without it the step takes 11.0 instead of 13.3 ms
-(2 threads, AVX2 build; BENCHMARKS.md, "The lean decode step"). A decode step (one new token per sequence, no padding, no gradients, a cache that hands
-back every key) needs none of it: it is a short loop of ATen ops and linear calls. `enable(model)`
+(2 threads, AVX2 build; BENCHMARKS.md, "The lean decode step"). A decode step (one new token per
+sequence, no padding, no gradients, a cache that hands back every key) needs none of it: it is a
+short loop of ATen ops and linear calls. `enable(model)`
 makes the model's forward take that loop there and fall through to transformers' forward for
 everything else (prompts, padding, hooks, gradients, output_attentions, compiled graphs, ...), so
 results are transformers' up to fp32 summation order (tests compare them on tiny models of each
@@ -88,8 +89,9 @@ class LeanDecode:
         self.window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
         self.steps = 0
         self.fallbacks = 0
-        # the modules whose hooks the step would bypass, listed once (a module swapped in later,
-        # e.g. an adapter around a linear, is called through its own forward anyway)
+        # the modules whose hooks the step would bypass (linears are called through .forward),
+        # listed once: hooks on a module swapped in after enable() are not seen; call enable()
+        # again after disable() to list the new ones
         self._modules = list(model.modules())
         self._cache_field = "cache"
         from transformers.modeling_outputs import CausalLMOutputWithPast
