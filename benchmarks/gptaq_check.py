@@ -1,7 +1,7 @@
 """GPTQ vs GPTAQ (--method gptaq) on the built-in SmolLM2-135M: perplexity, quantization time (and
 where it goes), peak memory. Prints JSON.
 
-    python benchmarks/gptaq_check.py [--methods gptq,gptaq] [--nsamples 64] [--seqlen 512] \
+    python benchmarks/gptaq_check.py [--methods gptq,gptaq,gptaq-fp32] [--nsamples 64] [--seqlen 512] \
         [--windows 40] [--threads 2] [--repeat 1] [--layers N] [--fp]
 
 Settings: QuantizeConfig(bits=4, group_size=128, method=...) with the library defaults (act-order
@@ -11,6 +11,10 @@ with static groups, sym, automatic chunking), calibration "shakespeare" (seed 0)
 VmHWM right after quantizing (the quantization's own peak). With --repeat the methods alternate
 order, so load from other jobs hits them alike. --layers N quantizes a copy of the model cut to its
 first N blocks (symlinked weights) for quick looks; --fp also evaluates the float model.
+
+Methods: `gptq`, `gptaq` (its cross-term product in bf16 where the CPU has native bf16, see
+quant/gptq.py cross_product_dtype; the JSON says which), `gptaq-fp32` (GPTAQ with
+GPTQKIT_GPTAQ_BF16=0: the product in float32 as before).
 
 Time parts (seconds, summed over the run): `hessian` Hessian.add (XᵀX and, for GPTAQ, the cross
 term), `solve` the solves, `float_forward` GPTAQ's float-model block forwards, `forward` the rest
@@ -72,7 +76,8 @@ def child(a) -> None:
     with tempfile.TemporaryDirectory(prefix="gptqkit-gptaq-") as tmp:
         if a.layers:
             path = _cut_model(path, a.layers, Path(tmp) / "model")
-        cfg = gptqkit.QuantizeConfig(bits=4, group_size=128, method=a.child)
+        method = a.child.split("-")[0]  # "gptaq-fp32": GPTAQ with its cross term in float32 (set by main)
+        cfg = gptqkit.QuantizeConfig(bits=4, group_size=128, method=method)
         t0 = time.perf_counter()
         rep = gptqkit.quantize(str(path), "shakespeare", f"{tmp}/out", cfg, nsamples=a.nsamples, seqlen=a.seqlen,
                                progress=False)
@@ -84,7 +89,9 @@ def child(a) -> None:
         parts["other"] = wall - acc.get("block", 0.0)
         res = {"method": a.child, "quantize_seconds": round(wall, 1), "quantize_peak_rss_mib": round(peak),
                "seconds": {k: round(v, 1) for k, v in parts.items()}, "block_forwards": rep.forwards,
-               "threads": torch.get_num_threads(), "layers": a.layers or "all"}
+               "threads": torch.get_num_threads(), "layers": a.layers or "all",
+               "cross_dtype": str(gptq.cross_product_dtype(torch.float32)).removeprefix("torch.")
+               if method == "gptaq" else None}
         if a.windows:
             tok = load_tokenizer(str(path))
             t0 = time.perf_counter()
@@ -130,7 +137,10 @@ def main() -> None:
             cmd = ["/usr/bin/time", "-v", sys.executable, __file__, "--child", m, "--nsamples", str(a.nsamples),
                    "--seqlen", str(a.seqlen), "--windows", str(a.windows), "--threads", str(a.threads),
                    "--layers", str(a.layers)]
-            p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+            env = dict(os.environ)
+            if m == "gptaq-fp32":
+                env["GPTQKIT_GPTAQ_BF16"] = "0"
+            p = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if p.returncode:
                 sys.exit(f"{m} failed:\n{p.stderr[-3000:]}")
             run = json.loads(p.stdout.strip().splitlines()[-1])
@@ -139,9 +149,10 @@ def main() -> None:
             print(json.dumps(run), file=sys.stderr, flush=True)
             result["runs"].append(run)
     by = {m: [x for x in result["runs"] if x["method"] == m] for m in methods}
-    if "gptq" in by and "gptaq" in by:
-        t = {m: sum(x["quantize_seconds"] for x in by[m]) for m in ("gptq", "gptaq")}
-        result["time_ratio_gptaq_over_gptq"] = round(t["gptaq"] / t["gptq"], 3)
+    for m in ("gptaq", "gptaq-fp32"):
+        if "gptq" in by and m in by:
+            t = {k: sum(x["quantize_seconds"] for x in by[k]) for k in ("gptq", m)}
+            result[f"time_ratio_{m.replace('-', '_')}_over_gptq"] = round(t[m] / t["gptq"], 3)
     print(json.dumps(result, indent=1))
 
 

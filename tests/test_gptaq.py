@@ -235,17 +235,54 @@ def test_cross_term_needs_paired_inputs():
         Hessian(8, dtype=DT).add(x, None, x)
 
 
-def test_float32_accumulator_keeps_small_differences():
-    """x̃ − x is formed before the product: a perturbation 1e-4 of the inputs still gives a
-    cross term accurate to float32 rounding of the difference, not of H."""
+@pytest.mark.parametrize("cross_dtype", [torch.float32, torch.bfloat16])
+def test_float32_accumulator_keeps_small_differences(cross_dtype):
+    """x̃ − x is formed before the product (in float32, also when the product runs in bf16): a
+    perturbation 1e-4 of the inputs still gives a cross term accurate to the rounding of the
+    difference, not of H."""
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(512, 32, generator=gen, dtype=DT) * 10
     f = x + 1e-4 * torch.randn(512, 32, generator=gen, dtype=DT)
-    h = Hessian(32, cross=True)
+    h = Hessian(32, cross=True, cross_dtype=cross_dtype)
     h.add(x.float(), None, f.float())
+    assert h.dXXt.dtype == torch.float32
     exact = 2 * (f - x).T @ x / 512
     rel = float((h.dXXt.double() - exact).norm() / exact.norm())
     assert rel < 0.05, rel
+
+
+def test_bf16_cross_product_against_float64():
+    """The bf16 product (several row blocks, masks) stays within bf16 rounding of the float64
+    sum, and H is untouched by it (float32, the same as with a float32 product)."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 700, 48, generator=gen, dtype=DT)
+    f = x + 0.05 * torch.randn(x.shape, generator=gen, dtype=DT)
+    m = torch.rand(3, 700, generator=gen) > 0.2
+    a, b = Hessian(48, cross=True, cross_dtype=torch.bfloat16), Hessian(48, cross=True, cross_dtype=torch.float32)
+    for h in (a, b):
+        h.ROWS = 256
+        h.add(x.float(), m, f.float())
+    X, F = x[m], f[m]
+    exact = 2 * (F - X).T @ X / X.shape[0]
+    rel = float((a.dXXt.double() - exact).norm() / exact.norm())
+    assert 1e-5 < rel < 1e-2, rel  # bf16 rounding, not float32's (which would be ~1e-7)
+    assert float((b.dXXt.double() - exact).norm() / exact.norm()) < 1e-5
+    assert torch.equal(a.H, b.H)
+
+
+def test_cross_product_dtype_choice(monkeypatch):
+    from gptqkit.quant import gptq
+    monkeypatch.delenv("GPTQKIT_GPTAQ_BF16", raising=False)
+    monkeypatch.setattr(gptq, "native_bf16_cpu", lambda: True)
+    assert gptq.cross_product_dtype(torch.float32) == torch.bfloat16
+    assert Hessian(8, cross=True).cross_dtype == torch.bfloat16
+    assert gptq.cross_product_dtype(torch.float64) == torch.float64  # exact comparisons stay exact
+    assert gptq.cross_product_dtype(torch.float32, "cuda") == torch.float32
+    monkeypatch.setenv("GPTQKIT_GPTAQ_BF16", "0")
+    assert gptq.cross_product_dtype(torch.float32) == torch.float32
+    monkeypatch.delenv("GPTQKIT_GPTAQ_BF16")
+    monkeypatch.setattr(gptq, "native_bf16_cpu", lambda: False)  # emulated bf16 is slower than fp32
+    assert gptq.cross_product_dtype(torch.float32) == torch.float32
 
 
 # --------------------------------------------------------------------------- robustness
