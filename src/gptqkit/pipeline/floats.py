@@ -21,6 +21,10 @@ solved; should one run later (a replay that must accumulate a linear again), the
 get their original weights back for its duration (so the block's original weights stay
 referenced until the block is done: one block's weights more).
 
+Speed: on a CPU with native bf16 and at ≤ 4 bits the float forward runs under bf16 autocast
+(quant/gptq.py, float_forward_dtype: why that is safe there and not at 8 bits); its output goes on
+in the stream's own dtype.
+
 Memory: in the chunked in-flight mode every suspended chunk holds its stash (at most the inputs
 of the linears it has not reached yet: ~2·hidden + intermediate values per token after the first
 stop), and both streams hold a block's inputs and outputs; plan.py counts both.
@@ -28,11 +32,12 @@ stop), and both streams hold a block's inputs and outputs; plan.py counts both.
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
 
+from ..quant.gptq import float_forward_dtype
 from .activations import Activations
 from .capture import Extras, first_output
 from .linears import LinearJob
@@ -92,16 +97,19 @@ class FloatInputs:
         handles = [job.module.register_forward_pre_hook(grab) for job in self.jobs]
         args, kwargs = self.extras[c]
         try:
-            with self._original_weights(), torch.no_grad():
+            x = self.acts.get(c)
+            fast = float_forward_dtype(x.dtype, x.device, max(job.cfg.bits for job in self.jobs)) if self.jobs else None
+            with self._original_weights(), torch.no_grad(), \
+                    (torch.autocast(x.device.type, fast) if fast is not None else nullcontext()):
                 self.capturing = True
-                out = self.block(self.acts.get(c), *args, **kwargs)
+                out = self.block(x, *args, **kwargs)
         finally:
             self.capturing = False
             for h in handles:
                 h.remove()
         self.chunk_forwards += 1
         if not self.sent[c]:
-            self.acts.put(c, first_output(out), self.where)
+            self.acts.put(c, first_output(out).to(x.dtype), self.where)
             self.sent[c] = True
         del out
         for i, job in self.paired.items():  # solved ones need no X̃ any more

@@ -53,6 +53,12 @@ def native_bf16_cpu() -> bool:
         return False
 
 
+def _bf16_shortcut(dtype: torch.dtype, device: torch.device | str) -> bool:
+    """GPTAQ's bf16 shortcuts apply: float32 work on a CPU with native bf16, not switched off."""
+    return (dtype == torch.float32 and torch.device(device).type == "cpu"
+            and os.environ.get("GPTQKIT_GPTAQ_BF16", "1") != "0" and native_bf16_cpu())
+
+
 def cross_product_dtype(dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.dtype:
     """The dtype of GPTAQ's cross-term product Σ (x̃ − x)·xᵀ: bf16 on a CPU with native bf16 dot
     products when the accumulator is float32, else the accumulator's own dtype.
@@ -63,10 +69,23 @@ def cross_product_dtype(dtype: torch.dtype, device: torch.device | str = "cpu") 
     It is GPTAQ's largest extra cost after the float forward (a full K×K product per input, where
     H needs its upper triangle only). float64 accumulators (exact comparisons) stay float64;
     GPTQKIT_GPTAQ_BF16=0 keeps float32 everywhere."""
-    if (dtype != torch.float32 or torch.device(device).type != "cpu"
-            or os.environ.get("GPTQKIT_GPTAQ_BF16", "1") == "0"):
-        return dtype
-    return torch.bfloat16 if native_bf16_cpu() else dtype
+    return torch.bfloat16 if _bf16_shortcut(dtype, device) else dtype
+
+
+# The float stream may compute in bf16 only where its own rounding is small next to the signal
+# GPTAQ reads from it, x̃ − x: on SmolLM2 with 4-bit weights bf16 moves x̃ by 2-4 % of ||x̃ − x||
+# per block, with 8-bit weights by 40-74 % (the quantized model is then almost the float one).
+FLOAT_BF16_MAX_BITS = 4
+
+
+def float_forward_dtype(dtype: torch.dtype, device: torch.device | str, bits: int) -> torch.dtype | None:
+    """The autocast dtype for GPTAQ's float block forward (None: the model's own dtype).
+
+    bf16 on a CPU with native bf16 when the model computes in float32 and no linear of the block
+    gets more than FLOAT_BF16_MAX_BITS bits: the float forward is GPTAQ's largest extra cost (a
+    second block forward), and bf16 GEMMs run it ~1.7x faster. The quantized stream, whose inputs
+    build the Hessian itself, stays in the model's dtype. GPTQKIT_GPTAQ_BF16=0 keeps float32."""
+    return torch.bfloat16 if bits <= FLOAT_BF16_MAX_BITS and _bf16_shortcut(dtype, device) else None
 
 
 class Hessian:
