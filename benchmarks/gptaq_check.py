@@ -12,9 +12,10 @@ VmHWM right after quantizing (the quantization's own peak). With --repeat the me
 order, so load from other jobs hits them alike. --layers N quantizes a copy of the model cut to its
 first N blocks (symlinked weights) for quick looks; --fp also evaluates the float model.
 
-Methods: `gptq`, `gptaq` (its cross-term product in bf16 where the CPU has native bf16, see
-quant/gptq.py cross_product_dtype; the JSON says which), `gptaq-fp32` (GPTAQ with
-GPTQKIT_GPTAQ_BF16=0: the product in float32 as before).
+Methods: `gptq`, `gptaq` (where the CPU has native bf16: its cross-term product in bf16 and, at
+≤ 4 bits, its float block forward under bf16 autocast; see quant/gptq.py cross_product_dtype and
+float_forward_dtype; the JSON's `cross_dtype` and `float_forward_dtype` say whether they applied), `gptaq-fp32` (GPTAQ with
+GPTQKIT_GPTAQ_BF16=0: float32 throughout, as before).
 
 Time parts (seconds, summed over the run): `hessian` Hessian.add (XᵀX and, for GPTAQ, the cross
 term), `solve` the solves, `float_forward` GPTAQ's float-model block forwards, `forward` the rest
@@ -91,7 +92,9 @@ def child(a) -> None:
                "seconds": {k: round(v, 1) for k, v in parts.items()}, "block_forwards": rep.forwards,
                "threads": torch.get_num_threads(), "layers": a.layers or "all",
                "cross_dtype": str(gptq.cross_product_dtype(torch.float32)).removeprefix("torch.")
-               if method == "gptaq" else None}
+               if method == "gptaq" else None,
+               "float_forward_dtype": str(gptq.float_forward_dtype(torch.float32, "cpu", 4) or torch.float32
+                                          ).removeprefix("torch.") if method == "gptaq" else None}
         if a.windows:
             tok = load_tokenizer(str(path))
             t0 = time.perf_counter()

@@ -74,7 +74,8 @@ def cross_product_dtype(dtype: torch.dtype, device: torch.device | str = "cpu") 
 
 # The float stream may compute in bf16 only where its own rounding is small next to the signal
 # GPTAQ reads from it, x̃ − x: on SmolLM2 with 4-bit weights bf16 moves x̃ by 2-4 % of ||x̃ − x||
-# per block, with 8-bit weights by 40-74 % (the quantized model is then almost the float one).
+# per block, with 8-bit weights by 40-74 % (the quantized model is then almost the float one;
+# benchmarks/gptaq_float_noise.py).
 FLOAT_BF16_MAX_BITS = 4
 
 
