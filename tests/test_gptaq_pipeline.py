@@ -208,7 +208,7 @@ def test_checkpoint_loads_records_the_method_and_differs_from_gptq(llama, tmp_pa
     assert torch.isfinite(la).all() and not torch.equal(la, lb)
 
 
-def test_bf16_float_forward_is_used_and_stays_close(llama, tmp_path, monkeypatch):
+def test_bf16_shortcuts_are_used_where_they_apply(llama, tmp_path, monkeypatch):
     """GPTAQ's bf16 shortcuts really run where they apply (codes differ from the float32 path) and
     are chosen only where they are safe and faster."""
     from gptqkit.quant import gptq

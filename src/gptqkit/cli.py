@@ -347,10 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "gptaq: GPTAQ / 'GPTQ v2' (asymmetric calibration): each layer is also fitted to the "
                         "full-precision model's outputs, which corrects the error earlier quantized layers "
                         "left in its inputs. Costs a second (float) forward per block and a second K×K "
-                        "product per distinct layer input (about 1.5x gptq's time on a CPU with native bf16, "
-                        "where both run in bf16 (the forward at <= 4 bits only), ~2x elsewhere; GPTQKIT_GPTAQ_BF16=0 keeps "
-                        "float32), plus the float model's hidden states and, per calibration chunk, the "
-                        "float inputs of the layers not yet solved (memory). Same checkpoint format")
+                        "product per distinct layer input (about 1.5x gptq's time on a CPU with native "
+                        "bf16, where both run in bf16 (the forward at <= 4 bits only), ~2x elsewhere; "
+                        "GPTQKIT_GPTAQ_BF16=0 keeps float32), plus the float model's hidden states and, "
+                        "per calibration chunk, the float inputs of the layers not yet solved (memory). "
+                        "Same checkpoint format")
     q.add_argument("--gptaq-alpha", type=float, default=GPTAQ_ALPHA,
                    help="with --method gptaq: strength of the asymmetry correction in [0, 1] "
                         "(default %(default)s, the reference's)")
