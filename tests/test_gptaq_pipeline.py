@@ -225,9 +225,10 @@ def test_bf16_shortcuts_are_used_where_they_apply(llama, tmp_path, monkeypatch):
     first = "model.layers.0.self_attn.q_proj"  # float input = quantized input: bf16 changes nothing
     assert all(torch.equal(x, y) for x, y in zip(a[first], b[first]))
     assert sum(int((a[n][0] != b[n][0]).sum()) for n in a) > 0
-    assert gptq.float_forward_dtype(torch.float32, "cpu", 8) is None
+    assert gptq.float_forward_dtype(torch.float32, "cpu", 4) is None      # switched off
     monkeypatch.delenv("GPTQKIT_GPTAQ_BF16")
     assert gptq.float_forward_dtype(torch.float32, "cpu", 4) == torch.bfloat16
+    assert gptq.float_forward_dtype(torch.float32, "cpu", 8) is None      # x̃ − x too small for bf16
     assert gptq.float_forward_dtype(torch.float32, "cpu", 2) == torch.bfloat16
     assert gptq.float_forward_dtype(torch.float64, "cpu", 4) is None      # exact comparisons stay exact
     assert gptq.float_forward_dtype(torch.bfloat16, "cpu", 4) is None     # already a half-precision model
