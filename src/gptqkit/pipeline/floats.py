@@ -49,6 +49,7 @@ class FloatInputs:
     def __init__(self, block: nn.Module, jobs: list[LinearJob], extras: list[Extras], acts: Activations, where: str):
         self.block, self.extras, self.acts, self.where = block, extras, acts, where
         self.jobs = jobs
+        self.bits = max((job.cfg.bits for job in jobs), default=0)  # the float forward's bf16 rule reads it
         self.paired = {id(job.module): job for job in jobs if job.cross}
         # the weights every linear had before it was solved (install() swaps in a new tensor)
         self.original = {id(job.module): job.module.weight.data for job in jobs}
@@ -98,7 +99,7 @@ class FloatInputs:
         args, kwargs = self.extras[c]
         try:
             x = self.acts.get(c)
-            fast = float_forward_dtype(x.dtype, x.device, max(job.cfg.bits for job in self.jobs)) if self.jobs else None
+            fast = float_forward_dtype(x.dtype, x.device, self.bits) if self.bits else None
             with self._original_weights(), torch.no_grad(), \
                     (torch.autocast(x.device.type, fast) if fast is not None else nullcontext()):
                 self.capturing = True
