@@ -46,6 +46,8 @@ VARIANTS = {
     "mse": dict(mse=True),
     "gptaq": dict(method="gptaq"),
     "gptaq-mse": dict(method="gptaq", mse=True),
+    # act-order solving each static group as one run, groups by their diag(H) sum (issue 12)
+    "group-order": dict(solve_order="groups"),
 }
 
 

@@ -29,7 +29,8 @@ def _solve(lin, x, cfg):
     H = Hessian(lin.in_features, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
     H.add(x)
     res = gptq_solve(lin.weight.data, H.H, cfg.bits, cfg.group_size, cfg.sym, cfg.desc_act, cfg.static_groups,
-                     cfg.damp_percent, cfg.damp_auto_increment, cfg.mse, cfg.blocksize)
+                     cfg.damp_percent, cfg.damp_auto_increment, cfg.mse, cfg.blocksize,
+                     solve_order=cfg.solve_order)
     lin.weight.data = res.dequantize().to(lin.weight.dtype)
     return res
 
@@ -107,6 +108,7 @@ CASES = {
     "plain-order-asym-v2": dict(desc_act=False, sym=False, checkpoint_format="gptq_v2"),
     "not-true-sequential": dict(true_sequential=False),
     "lm-head": dict(lm_head=True),
+    "group-order": dict(solve_order="groups"),               # static groups solved one by one
 }
 
 
@@ -125,6 +127,8 @@ def test_pipeline_equals_plain_driver(case, tiny_llama_factory, tmp_path):
     assert [lay.name for lay in report.layers] == list(ref)  # solved in the reference's order
     # one forward per block in flight; all-at-once needs the Hessian pass plus the output pass
     assert report.forwards == 3 * (1 if cfg.true_sequential else 2)
+    from gptqkit.config import QuantizeConfig as QC
+    assert QC.load(tmp_path / "q").solve_order == cfg.solve_order  # recorded in the checkpoint
     if tied:
         from gptqkit.formats.checkpoint import iter_tensors
         from gptqkit.kernels.qlinear import QuantLinear

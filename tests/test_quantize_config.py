@@ -89,6 +89,7 @@ def test_to_dict_has_the_fields_peers_need():
     dict(bits=3, group_size=64, sym=False, desc_act=True, mse=True, checkpoint_format="gptq_v2"),
     dict(bits=8, group_size=-1, damp_percent=0.1, damp_auto_increment=0.01, true_sequential=False,
          lm_head=True, method="rtn", blocksize=64),
+    dict(bits=3, group_size=64, solve_order="groups"),
     dict(bits=2, group_size=32, static_groups=True, desc_act=True,
          dynamic={r"+:.*\.1\..*": {"bits": 8, "group_size": 32}, r"-:.*lm_head": {}},
          meta={"note": "x"}),
@@ -219,3 +220,17 @@ def test_dynamic_rules_validated():
     with pytest.raises(ConfigError, match="group_size"):
         QuantizeConfig(dynamic={".*": {"group_size": 0}})
     QuantizeConfig(dynamic={"-:.*": {}})  # negative rules carry no overrides
+
+
+def test_solve_order():
+    assert QuantizeConfig().solve_order == "columns"
+    assert "solve_order" not in QuantizeConfig().to_dict()["meta"]  # the default's file is unchanged
+    c = QuantizeConfig(solve_order="groups")
+    assert c.to_dict()["meta"]["solve_order"] == "groups"
+    with pytest.raises(ConfigError, match="solve_order='cols' is unknown"):
+        QuantizeConfig(solve_order="cols")
+    for kw in (dict(desc_act=False), dict(static_groups=False)):
+        with pytest.raises(ConfigError, match="desc_act=True and static_groups=True"):
+            QuantizeConfig(solve_order="groups", **kw)
+    # one group per row: the orders coincide, so it is accepted as the default order
+    assert QuantizeConfig(group_size=-1, solve_order="groups").solve_order == "columns"

@@ -19,6 +19,8 @@ FORMATS = ("gptq", "gptq_v2")
 # gptq: GPTQ on the partially quantized model's inputs; rtn: round-to-nearest; gptaq: GPTQ with
 # asymmetric calibration (GPTAQ, "GPTQ v2"): also matches the full-precision model's outputs
 METHODS = ("gptq", "rtn", "gptaq")
+# act-order's solve order with static groups (quant/gptq.py::solve_permutation)
+SOLVE_ORDERS = ("columns", "groups")
 # GPTAQ's α, the strength of the asymmetry correction: the reference's (and GPTQModel's) default
 GPTAQ_ALPHA = 0.25
 QUANTIZE_CONFIG_FILE = "quantize_config.json"
@@ -45,6 +47,11 @@ class QuantizeConfig:
     # original column order, so g_idx is the plain c // g and fast kernels need no reordering.
     desc_act: bool = True
     static_groups: bool = True
+    # The order act-order solves in, with static groups (quant/gptq.py::solve_permutation):
+    # "columns" (default) single columns by decreasing Hessian diagonal, the groups interleaved;
+    # "groups" each static group as one contiguous run, groups by their diagonal sum. Same grids,
+    # g_idx and layout; only the error compensation's order changes (BENCHMARKS.md, issue 12).
+    solve_order: str = "columns"
     damp_percent: float = 0.01
     damp_auto_increment: float = 0.0025
     true_sequential: bool = True
@@ -89,6 +96,14 @@ class QuantizeConfig:
         if self.static_groups and self.group_size == -1:
             # harmless: with one group per row static and dynamic groups coincide
             self.static_groups = False
+        if self.solve_order not in SOLVE_ORDERS:
+            raise ConfigError(f"solve_order={self.solve_order!r} is unknown; choose one of {SOLVE_ORDERS}")
+        if self.solve_order == "groups" and self.group_size == -1:
+            self.solve_order = "columns"  # one group per row: the two orders coincide
+        if self.solve_order == "groups" and not (self.desc_act and self.static_groups):
+            raise ConfigError("solve_order='groups' orders the static groups of act-order: it needs "
+                              f"desc_act=True and static_groups=True (got desc_act={self.desc_act}, "
+                              f"static_groups={self.static_groups})")
         for pattern, override in (self.dynamic or {}).items():
             try:
                 re.compile(pattern[2:] if pattern[:2] in ("+:", "-:") else pattern)
@@ -139,7 +154,8 @@ class QuantizeConfig:
             "model_file_base_name": None,
             "meta": {"quantizer": [f"gptqkit:{_version()}"], "method": self.method,
                      "blocksize": self.blocksize,
-                     **({"gptaq_alpha": self.gptaq_alpha} if self.method == "gptaq" else {}), **self.meta},
+                     **({"gptaq_alpha": self.gptaq_alpha} if self.method == "gptaq" else {}),
+                     **({"solve_order": self.solve_order} if self.solve_order != "columns" else {}), **self.meta},
         }
         if self.dynamic:
             d["dynamic"] = self.dynamic
@@ -186,8 +202,10 @@ class QuantizeConfig:
                 method=str(meta.get("method", "gptaq" if gptqmodel_gptaq else "gptq")),
                 gptaq_alpha=float(meta.get("gptaq_alpha", (gptqmodel_gptaq or {}).get("alpha", GPTAQ_ALPHA))),
                 blocksize=int(meta.get("blocksize", 128)),
+                solve_order=str(meta.get("solve_order", "columns")),
                 dynamic=d.get("dynamic") or None,
-                meta={k: v for k, v in meta.items() if k not in ("quantizer", "method", "blocksize", "gptaq_alpha")},
+                meta={k: v for k, v in meta.items()
+                      if k not in ("quantizer", "method", "blocksize", "gptaq_alpha", "solve_order")},
             )
         except KeyError as e:
             raise CheckpointError(f"quantization config lacks required field {e}") from e

@@ -2,7 +2,9 @@
 
 The reference follows the paper (Frantar et al., 2022, Algorithm 1 without lazy batching):
   * dead columns (H_jj == 0) are zeroed in W and get H_jj = 1;
-  * act-order permutes columns by descending diag(H);
+  * act-order permutes columns by descending diag(H); with solve_order="groups" (static groups
+    only) it solves the static groups one after another, by descending sum of their diag(H),
+    each group's columns by descending diag(H);
   * U = upper Cholesky factor of (H + λI)⁻¹, λ = damp · mean(diag H), the inverse taken directly;
   * for each column j in (permuted) order: if a group starts at j, its grid is computed from the
     *current* (already error-compensated) weights of the group's columns; q_j = quant(w_j);
@@ -29,7 +31,7 @@ DT = torch.float64
 
 # --------------------------------------------------------------------------- reference
 def reference_gptq(W, H, bits, group_size, sym, desc_act, static_groups, damp_percent=0.01,
-                   mse=False, zero_min=0):
+                   mse=False, zero_min=0, solve_order="columns"):
     W = W.to(DT).clone()
     H = H.to(DT).clone()
     N, K = W.shape
@@ -44,7 +46,12 @@ def reference_gptq(W, H, bits, group_size, sym, desc_act, static_groups, damp_pe
 
     W_orig = W
     order = list(range(K))
-    if desc_act:
+    if desc_act and solve_order == "groups":
+        d = torch.diag(H).tolist()
+        groups = [list(range(s, min(s + g, K))) for s in range(0, K, g)]
+        groups.sort(key=lambda cols: -sum(d[c] for c in cols))
+        order = [c for cols in groups for c in sorted(cols, key=lambda c: -d[c])]
+    elif desc_act:
         order = torch.argsort(torch.diag(H), descending=True).tolist()
     W = W[:, order]
     H = H[order][:, order]
@@ -414,3 +421,70 @@ def test_static_groups_with_act_order_keep_monotonic_g_idx():
     res = gptq_solve(W, H, 4, 32, sym=True, desc_act=True, static_groups=True, blocksize=20)
     assert torch.equal(res.g_idx, (torch.arange(80) // 32).to(torch.int32))
     assert (res.zeros == 8).all()
+
+
+# --------------------------------------------------------------------------- static group order
+@pytest.mark.parametrize("K,g", [(80, 32), (96, 32), (96, 48), (37, 8), (16, 16)])
+def test_group_solve_order_keeps_static_groups_contiguous(K, g):
+    from gptqkit.quant.gptq import solve_permutation
+    gen = torch.Generator().manual_seed(K + g)
+    d = torch.rand(K, generator=gen, dtype=DT) * torch.linspace(0.1, 3.0, K, dtype=DT)[torch.randperm(K, generator=gen)]
+    perm = solve_permutation(d, g, "groups")
+    assert sorted(perm.tolist()) == list(range(K))           # a permutation
+    runs, pos = [], 0                                         # consecutive runs of one group each
+    while pos < K:
+        grp = int(perm[pos]) // g
+        size = min(g, K - grp * g)
+        run = perm[pos:pos + size]
+        assert (run // g == grp).all(), f"group {grp} is not one contiguous run"
+        assert (d[run][:-1] >= d[run][1:]).all(), "columns inside a group not by descending diag"
+        runs.append(grp)
+        pos += size
+    assert sorted(runs) == list(range(math.ceil(K / g)))
+    sums = [float(d[r * g:(r + 1) * g].sum()) for r in runs]
+    assert sums == sorted(sums, reverse=True), "groups not by descending diag sum"
+    # the default order is plain act-order, and on these inputs the two differ
+    assert torch.equal(solve_permutation(d, g, "columns"), torch.argsort(d, descending=True))
+    if K > g:
+        assert not torch.equal(perm, solve_permutation(d, g, "columns"))
+
+
+@pytest.mark.parametrize("bits,gs,sym,mse,blocksize", [
+    (4, 32, True, False, 20), (3, 48, False, False, 28), (2, 32, False, True, 7), (4, 64, True, True, 128),
+    (8, 32, True, False, 1), (3, 32, False, "norm", 16),
+])
+def test_group_solve_order_matches_reference(bits, gs, sym, mse, blocksize):
+    """solve_order="groups" equals the unblocked reference solving the static groups in turn, for
+    ragged groups (K=80), groups cut by the blocks, and the clip search weighted in that order."""
+    W, H, _ = problem(12, 80, seed=30 + bits)
+    what = f"groups bits={bits} gs={gs} sym={sym} mse={mse} bs={blocksize}"
+    res = gptq_solve(W, H, bits, gs, sym=sym, desc_act=True, static_groups=True, mse=mse,
+                     blocksize=blocksize, solve_order="groups")
+    ref = reference_gptq(W, H, bits, gs, sym, True, True, mse=mse, solve_order="groups")
+    assert_matches_reference(res, ref, what)
+    assert torch.equal(res.g_idx, (torch.arange(80) // gs).to(torch.int32))  # layout as the default's
+    cols = gptq_solve(W, H, bits, gs, sym=sym, desc_act=True, static_groups=True, mse=mse, blocksize=blocksize)
+    assert res.loss != cols.loss  # really another order
+
+
+def test_group_solve_order_with_dead_columns_and_ties():
+    """Dead columns (no input: diag set to 1, so several tie) and a whole dead group: ties break
+    by lower column first in both the solver and the reference."""
+    W, H, X = problem(12, 80, seed=43)
+    X = X.clone()
+    dead = [3, 17, 40, 41, 42, 79] + list(range(48, 64))
+    X[:, dead] = 0
+    H = 2 * X.T @ X / X.shape[0]
+    res = gptq_solve(W, H, 4, 16, sym=False, desc_act=True, static_groups=True, blocksize=20,
+                     solve_order="groups")
+    assert_matches_reference(res, reference_gptq(W, H, 4, 16, False, True, True, solve_order="groups"),
+                             "groups, dead columns")
+
+
+def test_group_solve_order_needs_act_order_with_static_groups():
+    W, H, _ = problem(8, 64, seed=42)
+    with pytest.raises(ValueError, match="solve_order"):
+        gptq_solve(W, H, 4, 16, desc_act=True, static_groups=True, solve_order="group")
+    for desc_act, static in ((False, True), (True, False), (False, False)):
+        with pytest.raises(ValueError, match="desc_act=True and static_groups=True"):
+            gptq_solve(W, H, 4, 16, desc_act=desc_act, static_groups=static, solve_order="groups")

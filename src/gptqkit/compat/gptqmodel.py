@@ -29,7 +29,7 @@ __all__ = ["GPTQModel", "QuantizeConfig", "BACKEND"]
 
 _GPTQKIT_FIELDS = {"bits", "group_size", "sym", "desc_act", "static_groups", "damp_percent", "damp_auto_increment",
                    "true_sequential", "mse", "checkpoint_format", "lm_head", "method", "gptaq_alpha", "blocksize",
-                   "dynamic", "meta"}
+                   "dynamic", "meta", "solve_order"}
 
 
 class QuantizeConfig(_QuantizeConfig):

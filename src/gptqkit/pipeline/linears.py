@@ -116,7 +116,7 @@ def solve(job: LinearJob, zero_min: int) -> None:
         # h.dXXt: [GPTAQ] the cross term with the float model's inputs (None: plain GPTQ)
         res = gptq_solve(W, h.H, cfg.bits, cfg.group_size, cfg.sym, cfg.desc_act, cfg.static_groups,
                          cfg.damp_percent, cfg.damp_auto_increment, cfg.mse, cfg.blocksize, zero_min,
-                         dXXt=h.dXXt, alpha=cfg.gptaq_alpha)
+                         dXXt=h.dXXt, alpha=cfg.gptaq_alpha, solve_order=cfg.solve_order)
         if res.method not in ("gptq", "gptaq"):
             log.warning("%s: Hessian unusable even at damp_percent=1; used round-to-nearest", job.name)
     job.tokens = h.n if h is not None else 0

@@ -247,17 +247,52 @@ def _columns(W1: torch.Tensor, i0: int, i1: int, Hinv1: torch.Tensor, S: torch.T
         W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
 
 
+SOLVE_ORDERS = ("columns", "groups")
+
+
+def solve_permutation(diag: torch.Tensor, group_size: int, solve_order: str = "columns") -> torch.Tensor:
+    """Act-order's column order: perm[j] = the original column solved j-th.
+
+    "columns": by decreasing diag(H) (the reference's act-order; ties in torch's order).
+    "groups": static group k holds columns k·g .. k·g+g−1; the groups by decreasing Σ diag(H) over
+    their columns, the columns inside each group by decreasing diag(H) (ties: lower index first),
+    so each group is one contiguous run of the order. (GPTQModel's GAR, "group aware reordering",
+    is the same shape but ranks the groups by their largest diagonal entry.)"""
+    if solve_order == "columns":
+        return torch.argsort(diag, descending=True)
+    if solve_order != "groups":
+        raise ValueError(f"solve_order={solve_order!r} is unknown; choose one of {SOLVE_ORDERS}")
+    K = diag.shape[0]
+    grp = torch.arange(K, device=diag.device) // group_size
+    sums = torch.zeros(int(grp[-1]) + 1 if K else 0, dtype=diag.dtype, device=diag.device).index_add_(0, grp, diag)
+    rank = torch.empty(sums.shape[0], dtype=torch.long, device=diag.device)
+    rank[torch.argsort(sums, descending=True, stable=True)] = torch.arange(sums.shape[0], device=diag.device)
+    cols = torch.argsort(diag, descending=True, stable=True)      # columns by diag, then
+    return cols[torch.argsort(rank[grp[cols]], stable=True)]      # grouped, groups by rank
+
+
 def gptq_solve(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = -1, sym: bool = True,
                desc_act: bool = False, static_groups: bool = False, damp_percent: float = 0.01,
                damp_auto_increment: float = 0.0025, mse: bool | str = False, blocksize: int = 128,
-               zero_min: int = 0, dXXt: torch.Tensor | None = None, alpha: float = 0.25) -> QuantResult:
+               zero_min: int = 0, dXXt: torch.Tensor | None = None, alpha: float = 0.25,
+               solve_order: str = "columns") -> QuantResult:
     """Quantize W [N, K] given H [K, K]. Computes in W's dtype if float32/float64, else float32.
 
     mse: search each group's clipping range (True: weighted by the layer error, see below;
     "norm": the reference's unweighted search).
     dXXt [K, K] (GPTAQ): the cross term 2/n·Σ (x̃ − x)·xᵀ, scaled like H; the solve then also
     compensates the asymmetry between the float model's inputs and the quantized ones, with
-    strength alpha (module docstring). None: plain GPTQ, exactly."""
+    strength alpha (module docstring). None: plain GPTQ, exactly.
+    solve_order (act-order with static groups only): "columns" (the default) solves single columns
+    by decreasing diag(H), interleaving the groups; "groups" solves each static group as one
+    contiguous run, the groups by decreasing sum of their columns' diag(H), the columns inside a
+    group by decreasing diag(H) (solve_permutation). Grids, g_idx and the checkpoint layout are
+    the same either way; only the order of the error compensation changes."""
+    if solve_order not in SOLVE_ORDERS:
+        raise ValueError(f"solve_order={solve_order!r} is unknown; choose one of {SOLVE_ORDERS}")
+    if solve_order == "groups" and not (desc_act and static_groups):
+        raise ValueError("solve_order='groups' orders the static groups of act-order: it needs desc_act=True "
+                         f"and static_groups=True (got desc_act={desc_act}, static_groups={static_groups})")
     dtype = W.dtype if W.dtype in (torch.float32, torch.float64) else torch.float32
     W = W.to(dtype).clone()
     H = H.to(dtype).clone()
@@ -284,7 +319,7 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = -1
     W0 = W  # original column order, for static groups
     perm = None
     if desc_act:  # quantize the columns with the largest Hessian diagonal first
-        perm = torch.argsort(torch.diag(H), descending=True)
+        perm = solve_permutation(torch.diag(H), g, solve_order)
         W = W[:, perm]
         H = H[perm][:, perm]
         if D is not None:  # both ways, like H: rows and columns index input channels
