@@ -46,8 +46,8 @@ import subprocess
 import sys
 import time
 
-VARIANTS = ("fp32", "bf16", "q4", "q4-bf16", "q4-torch", "q4-head", "fp32-lean", "q4-hf")
-OPT_IN = ("q4-head", "fp32-lean", "q4-hf")  # not in the default --variants
+VARIANTS = ("fp32", "bf16", "q4", "q4-bf16", "q4-torch", "q4-head", "fp32-lean", "q4-hf", "q4-i8")
+OPT_IN = ("q4-head", "fp32-lean", "q4-hf", "q4-i8")  # not in the default --variants
 
 
 def log(*a) -> None:
@@ -82,6 +82,8 @@ def worker(a) -> dict:
         import gptqkit
         if a.variant == "q4-hf":
             os.environ["GPTQKIT_LEAN_DECODE"] = "0"
+        if a.variant == "q4-i8":  # int8 activations from 16 rows (prefill), kernels/cpu.py
+            os.environ["GPTQKIT_CPU_I8_MIN_M"] = "16"
         model = gptqkit.load(a.q4_head if a.variant == "q4-head" else a.q4,
                              backend="torch" if a.variant == "q4-torch" else None,
                              dtype=torch.bfloat16 if a.variant == "q4-bf16" else None)

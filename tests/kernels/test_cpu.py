@@ -229,8 +229,8 @@ def test_isa_reported():
 @pytest.mark.skipif(cpu.isa() != "avx512", reason="the AVX2 build is checked from an AVX-512 machine")
 def test_avx2_build_in_subprocess():
     """The AVX2+FMA build (what a CPU without AVX-512 gets from -march=native), compiled here with
-    -march=x86-64-v3 and run through the same correctness tests, both paths (fused and BLAS), via
-    the custom op and via ctypes."""
+    -march=x86-64-v3 and run through the same correctness tests, both paths (fused and BLAS) and
+    the int8-activation GEMM (maddubs code, not VNNI), via the custom op and via ctypes."""
     import os
     import subprocess
     import sys
@@ -240,9 +240,10 @@ def test_avx2_build_in_subprocess():
     assert probe.stdout.strip() == "avx2", probe.stderr[-2000:]
     # through the custom op (the default) and its bit-equality with the ctypes path
     op_tests = os.path.join(os.path.dirname(__file__), "test_cpu_op.py")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, op_tests,
+    i8_tests = os.path.join(os.path.dirname(__file__), "test_cpu_i8.py")  # the int8-activation GEMM
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, op_tests, i8_tests,
                         "-k", "(matches_torch_backend and fma) or threshold_paths or (bit_equal and fma) "
-                              "or rows_split"],
+                              "or rows_split or test_cpu_i8"],
                        env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert " passed" in r.stdout

@@ -146,7 +146,7 @@ def _build() -> ctypes.CDLL:
         lib = ctypes.CDLL(str(out))
     except OSError as e:
         raise RuntimeError(f"cannot load {out}: {e}") from e
-    if lib.gk_abi_version() != 6:
+    if lib.gk_abi_version() != 7:
         raise RuntimeError(f"{out}: ABI version mismatch")
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.gk_gemv.argtypes = [p, p, p, p, i, i, i, i, p, i, p, i, i]
@@ -157,6 +157,9 @@ def _build() -> ctypes.CDLL:
     lib.gk_gemv_layer.argtypes = [p, p, i, p, i]
     lib.gk_gemv_layer.restype = i
     lib.gk_has_dp.restype = i
+    lib.gk_has_i8.restype = i
+    lib.gk_gemm_i8.argtypes = [p, p, p, p, i, i, i, p, i, p, i, i, i]
+    lib.gk_gemm_i8.restype = i
     lib.gk_isa.restype = i
     lib.gk_gemv_dp.argtypes = [p, p, p, p, i, i, i, p, i, i, i, p, i, i]
     lib.gk_gemv_dp.restype = i
@@ -208,7 +211,7 @@ def _register_fake() -> None:
         return
 
     @torch.library.register_fake("gptqkit::cpu_linear")
-    def _(x, w, s, sz, seg, gk, perm, bias, N, bits, dp, gemm_min_m, tile_bytes):
+    def _(x, w, s, sz, seg, gk, perm, bias, N, bits, dp, gemm_min_m, tile_bytes, i8_min_m, i8_block):
         dtype = x.dtype if x.dtype.is_floating_point else torch.float32
         return x.new_empty((*x.shape[:-1], N), dtype=dtype)
 
@@ -310,6 +313,12 @@ def isa() -> str:
     """The instruction set the loaded kernel was built for: "avx512", "avx2" or "generic"."""
     lib = get_lib()
     return {512: "avx512", 256: "avx2"}.get(lib.gk_isa(), "generic") if lib is not None else "none"
+
+
+def i8_available() -> bool:
+    """Whether the compiled kernel has the int8-activation GEMM (AVX2 and AVX-512 builds)."""
+    lib = get_lib()
+    return lib is not None and bool(lib.gk_has_i8())
 
 
 def dp_available() -> bool:
@@ -525,6 +534,24 @@ def _default_gemm_min_m() -> int:
     return 1 if platform.machine().lower() in ("x86_64", "amd64", "i686", "i386") else 2
 
 
+# Rows from which 4-bit layers run the int8-activation GEMM by default (`_i8_min_m`)
+I8_MIN_M = 0
+
+
+def _i8_min_m() -> int:
+    """Rows from which the int8-activation GEMM (gk_gemm_i8) runs: GPTQKIT_CPU_I8_MIN_M, 0 for
+    never (the FMA kernel at every M, x in fp32 as given), else I8_MIN_M. Read at prepare."""
+    env = os.environ.get("GPTQKIT_CPU_I8_MIN_M")
+    if env is None:
+        return I8_MIN_M
+    try:
+        n = int(env)
+    except ValueError:
+        raise BackendError(f"GPTQKIT_CPU_I8_MIN_M={env!r} is not a whole number: give the rows from "
+                           "which the int8-activation kernel runs, or 0 to never use it") from None
+    return max(0, n)
+
+
 @dataclass(eq=False)
 class CpuLayout:
     """What the cpu backend computes from, built once by `prepare` (csrc/cpu_kernels.cpp explains
@@ -542,6 +569,8 @@ class CpuLayout:
     dp: bool                    # the AVX-512 BF16 dot-product layout and kernel
     gemm_min_m: int             # rows from which the tile-dequantize + BLAS path runs
     tile_bytes: int             # fp32 bytes of one dequantized tile on that path
+    i8_min_m: int               # rows from which the int8-activation GEMM runs (0: never)
+    i8_block: int               # input features per int8 activation scale (0: one per group run)
     use_op: bool                # call the torch custom op (else the ctypes library)
     # derived in __post_init__: the op's arguments after x, in one tuple (the forward is one call)
     op_args: tuple | None = field(init=False, repr=False, default=None)
@@ -556,7 +585,8 @@ class CpuLayout:
         self.nt1 = max(1, min((self.K * self.N) >> 19, self.nblk))
         if self.use_op:
             self.op_args = (self.w, self.s, self.sz, self.seg, self.gk, self.perm, self.bias, self.N,
-                            self.bits, int(self.dp), self.gemm_min_m, self.tile_bytes)
+                            self.bits, int(self.dp), self.gemm_min_m, self.tile_bytes, self.i8_min_m,
+                            self.i8_block)
         else:
             # raw pointers into the tensors above, which live as long as this layout
             self.cargs = _LayerArgs(self.w.data_ptr(), self.s.data_ptr(), self.sz.data_ptr(),
@@ -611,6 +641,10 @@ class CpuBackend:
     use_dp = os.environ.get("GPTQKIT_CPU_DP", "auto")
     # the torch custom op when it builds (True), else the ctypes library; False forces ctypes
     use_op = True
+    # Rows from which 4-bit layers take the int8-activation GEMM (None: GPTQKIT_CPU_I8_MIN_M or
+    # I8_MIN_M; 0 never). Read at prepare.
+    i8_min_m: int | None = None
+    i8_block = 32  # input features per int8 scale of x (a multiple of 4; 0: one per group run)
 
     def supports(self, layer: QuantLinear, device: torch.device) -> str | None:
         if torch.device(device).type != "cpu":
@@ -654,12 +688,19 @@ class CpuBackend:
             szc = _block_params(s * z.float(), nblk)
         use_op = self.use_op and get_op() is not None
         gmin = self.gemm_min_m if self.gemm_min_m is not None else _default_gemm_min_m()
+        # int8 activations at prefill sizes: 4-bit codes in the FMA layout whose group runs are
+        # whole quads of rows (every standard group size)
+        i8 = self.i8_min_m if self.i8_min_m is not None else _i8_min_m()
+        if dp or kbits != 4 or K % 4 or bool((seg % 4 != 0).any()) or not i8_available():
+            i8 = 0
         layout = CpuLayout(w=w, s=sc, sz=szc, seg=seg, gk=gs.to(torch.int32).contiguous(), perm=perm,
                            bias=layer.bias.float() if layer.bias is not None else None, K=K, N=N,
-                           bits=kbits, dp=dp, gemm_min_m=gmin, tile_bytes=self.tile_bytes, use_op=use_op)
-        log.debug("%s: cpu backend prepared (%d blocks, act-order permutation: %s, kernel: %s, via %s)",
+                           bits=kbits, dp=dp, gemm_min_m=gmin, tile_bytes=self.tile_bytes, i8_min_m=i8,
+                           i8_block=self.i8_block,
+                           use_op=use_op)
+        log.debug("%s: cpu backend prepared (%d blocks, act-order permutation: %s, kernel: %s%s, via %s)",
                   layer.describe(), nblk, perm is not None, "bf16 dot-product" if dp else "fma",
-                  "torch op" if use_op else "ctypes")
+                  f", int8 activations from {i8} rows" if i8 else "", "torch op" if use_op else "ctypes")
         return layout
 
     def forward(self, layer: QuantLinear, L: CpuLayout, x: torch.Tensor) -> torch.Tensor:
@@ -675,7 +716,8 @@ class CpuBackend:
         lib = get_lib()
         # decode fast path (no act-order permutation, contiguous fp32 or, for the dot-product
         # kernel, bf16 x, M = 1): no reshape/copy/convert, one ctypes call on the layout's struct
-        if L.perm is None and x.is_contiguous() and x.numel() == L.K and 1 < L.gemm_min_m:
+        if (L.perm is None and x.is_contiguous() and x.numel() == L.K and 1 < L.gemm_min_m
+                and not 0 < L.i8_min_m <= 1):
             nt = L.nt1
             if nt > 1:
                 nt = min(nt, torch.get_num_threads())
@@ -712,7 +754,11 @@ class CpuBackend:
         items = L.nblk if L.dp else L.nblk * max(1, -(-M // 12))
         nt = max(1, min(torch.get_num_threads(), (M * K * N) >> 19, items))
         G = L.seg.numel() - 1
-        if M < L.gemm_min_m:
+        if 0 < L.i8_min_m <= M:
+            y = torch.empty(M, N, dtype=torch.float32)
+            _check(lib.gk_gemm_i8(L.w.data_ptr(), L.s.data_ptr(), L.sz.data_ptr(), L.seg.data_ptr(), K, G,
+                                  L.nblk, x2.data_ptr(), M, y.data_ptr(), N, L.i8_block, nt))
+        elif M < L.gemm_min_m:
             y = torch.empty(M, N, dtype=torch.float32)
             if M:
                 if L.dp:

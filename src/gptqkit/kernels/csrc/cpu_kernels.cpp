@@ -543,8 +543,309 @@ static void gemv_dp_impl(const uint8_t* W, const float* S16, const float* SZ16, 
 #define GK_HAS_DP 0
 #endif
 
+// ---------------------------------------------------------------------------------------------
+// 4-bit GEMM with int8 activations (prefill sizes, AVX2 and up): the llama.cpp "Q4 x Q8" idea on
+// gptqkit's layout. At M >= 64 the fp32 FMA kernel runs at the core's FMA rate, as fp32 BLAS
+// does, so a 4-bit layer cannot prefill faster than the dense one in fp32 arithmetic. Integer
+// dot products do 32 multiply-adds per instruction pair (VPMADDUBSW u8 x s8 -> int16 pairs, then
+// VPMADDWD by 1 -> int32; one VPDPBUSD where AVX512-VNNI exists) against 8 per FMA.
+//
+// Numerics: each row of x is quantized to int8 per block b of xb rows inside a group run (cpu.py
+// passes 32; 0 = one block per run), x ~ a_b·xq with a_b = max|x|/127 (round half to even), and
+//   y[n] = sum_g ( S[g,n] · sum_{b in g} a_b sum_{k in b} xq[k] q[k,n]  -  SZ[g,n] · sum_{b in g} a_b sum_{k in b} xq[k] )
+// i.e. W_deq · x̂ with x̂ = a·xq: the integer sums are exact (int16 pairs <= 2·15·127, int32
+// per block), the only new error is x's rounding to 8 bits (<= a_b/2 per element). That changes
+// the model's numbers (SmolLM2 4-bit: perplexity +0.35 % with blocks of 32, +0.8 % per group of
+// 128; BENCHMARKS.md), so cpu.py runs it only when asked (GPTQKIT_CPU_I8_MIN_M). Only 4-bit codes
+// (and 3-bit ones held as 4-bit) with every group run whole quads of rows (standard group sizes).
+//
+// The codes are read from the FMA layout above; each work item first rewrites its 64-column
+// block into "quads" in a scratch buffer: Q [K/4][8][32], vector v of quad r holding columns
+// 8v..8v+7, byte 4c+i = code(row 4r+i, column 8v+c) — the operand order of VPMADDUBSW/VPDPBUSD.
+// That costs ~0.2 instructions per code, once per block and item, against M multiply-adds.
+#if defined(__AVX2__)
+#define GK_HAS_I8 1
+static inline __m256i i8_dot(__m256i acc, __m256i w, __m256i x, __m256i ones) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    (void)ones;
+    return _mm256_dpbusd_epi32(acc, w, x);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones));
+#endif
+}
+
+// a 64-column block of the 4-bit FMA layout ([K][32 bytes]: byte 16h+lane holds column
+// 32h+lane in its low nibble and 32h+16+lane in its high one) -> quads (above)
+static void i8_relayout(const uint8_t* __restrict Wb, int K, uint8_t* __restrict Q) {
+    const __m256i m15 = _mm256_set1_epi8(15);
+    for (int r = 0; r < K / 4; ++r) {
+        const uint8_t* p = Wb + (size_t)r * 128;
+        uint8_t* o = Q + (size_t)r * 256;
+        __m256i lo[4], hi[4];
+        for (int i = 0; i < 4; ++i) {
+            const __m256i a = _mm256_loadu_si256((const __m256i*)(p + 32 * i));
+            lo[i] = _mm256_and_si256(a, m15);                         // vectors 0, 1 | 4, 5
+            hi[i] = _mm256_and_si256(_mm256_srli_epi16(a, 4), m15);   // vectors 2, 3 | 6, 7
+        }
+        // t: the 4 rows; bytes 0-7 of each 128-bit lane are vector va (lane 0) / vc (lane 1),
+        // bytes 8-15 vb / vd
+        auto emit = [&](const __m256i* t, int va, int vb, int vc, int vd) {
+            const __m256i l01 = _mm256_unpacklo_epi8(t[0], t[1]), l23 = _mm256_unpacklo_epi8(t[2], t[3]);
+            const __m256i h01 = _mm256_unpackhi_epi8(t[0], t[1]), h23 = _mm256_unpackhi_epi8(t[2], t[3]);
+            const __m256i a0 = _mm256_unpacklo_epi16(l01, l23), a1 = _mm256_unpackhi_epi16(l01, l23);
+            const __m256i b0 = _mm256_unpacklo_epi16(h01, h23), b1 = _mm256_unpackhi_epi16(h01, h23);
+            _mm256_storeu_si256((__m256i*)(o + 32 * va), _mm256_permute2x128_si256(a0, a1, 0x20));
+            _mm256_storeu_si256((__m256i*)(o + 32 * vc), _mm256_permute2x128_si256(a0, a1, 0x31));
+            _mm256_storeu_si256((__m256i*)(o + 32 * vb), _mm256_permute2x128_si256(b0, b1, 0x20));
+            _mm256_storeu_si256((__m256i*)(o + 32 * vd), _mm256_permute2x128_si256(b0, b1, 0x31));
+        };
+        emit(lo, 0, 1, 4, 5);
+        emit(hi, 2, 3, 6, 7);
+    }
+}
+
+// x [M, K] fp32 -> XQ [M, K] int8 with one scale per row and block of rows (sub-run b =
+// [sub[b], sub[b+1]), inside one group run): AX [M, NB] = a (x ~ a·xq); and per row and group
+// run, AXS [M, G] = sum over its blocks of a·sum(xq), the zero-point term's sum of x̂
+static void i8_quant_x(const float* X, int M, int K, int G, int NB, const int32_t* sub,
+                       const int32_t* gsub, int8_t* XQ, float* AX, float* AXS, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
+    for (int m = 0; m < M; ++m) {
+        const float* x = X + (size_t)m * K;
+        int8_t* xq = XQ + (size_t)m * K;
+        const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+        for (int g = 0; g < G; ++g) {
+            float xs = 0.f;
+            for (int bi = gsub[g]; bi < gsub[g + 1]; ++bi) {
+                const int k0 = sub[bi], k1 = sub[bi + 1];
+                __m256 mx = _mm256_setzero_ps();
+                int k = k0;
+                for (; k + 8 <= k1; k += 8) mx = _mm256_max_ps(mx, _mm256_and_ps(_mm256_loadu_ps(x + k), absmask));
+                float amax = 0.f;
+                {
+                    float t[8];
+                    _mm256_storeu_ps(t, mx);
+                    for (int i = 0; i < 8; ++i) amax = t[i] > amax ? t[i] : amax;
+                }
+                for (; k < k1; ++k) amax = std::fabs(x[k]) > amax ? std::fabs(x[k]) : amax;
+                const float a = amax / 127.f, ia = amax > 0.f ? 127.f / amax : 0.f;
+                const __m256 iav = _mm256_set1_ps(ia);
+                __m256i sv = _mm256_setzero_si256();
+                k = k0;
+                for (; k + 8 <= k1; k += 8) {
+                    // round half to even (MXCSR's default mode); |x·ia| <= 127 up to ia's rounding
+                    __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k), iav));
+                    q = _mm256_min_epi32(_mm256_max_epi32(q, _mm256_set1_epi32(-127)), _mm256_set1_epi32(127));
+                    sv = _mm256_add_epi32(sv, q);
+                    const __m256i p16 = _mm256_packs_epi32(q, q), p8 = _mm256_packs_epi16(p16, p16);
+                    const int32_t lo4 = _mm256_extract_epi32(p8, 0), hi4 = _mm256_extract_epi32(p8, 4);
+                    memcpy(xq + k, &lo4, 4);
+                    memcpy(xq + k + 4, &hi4, 4);
+                }
+                int32_t sq = 0;
+                {
+                    int32_t t[8];
+                    _mm256_storeu_si256((__m256i*)t, sv);
+                    for (int i = 0; i < 8; ++i) sq += t[i];
+                }
+                for (; k < k1; ++k) {
+                    int q = (int)std::nearbyint(x[k] * ia);
+                    q = q < -127 ? -127 : (q > 127 ? 127 : q);
+                    xq[k] = (int8_t)q;
+                    sq += q;
+                }
+                AX[(size_t)m * NB + bi] = a;
+                xs += a * (float)sq;
+            }
+            AXS[(size_t)m * G + g] = xs;
+        }
+    }
+}
+
+// MR rows of xq against the NV 8-column vectors v0.. of one block's quads
+template <int MR, int NV>
+static void i8_rows(const uint8_t* __restrict Q, const float* __restrict Sb, const float* __restrict SZb,
+                    int G, int NB, const int32_t* __restrict sub, const int32_t* __restrict gsub,
+                    const int8_t* __restrict XQ, int ldx, const float* __restrict AX,
+                    const float* __restrict AXS, float* __restrict Y, int ldy, int v0, int ncols) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 f[MR][NV];
+    for (int r = 0; r < MR; ++r)
+        for (int v = 0; v < NV; ++v) f[r][v] = _mm256_setzero_ps();
+    for (int g = 0; g < G; ++g) {
+        if (gsub[g] == gsub[g + 1]) continue;
+        __m256 sv[NV];
+        for (int v = 0; v < NV; ++v) sv[v] = _mm256_loadu_ps(Sb + (size_t)g * 64 + 8 * (v0 + v));
+        for (int bi = gsub[g]; bi < gsub[g + 1]; ++bi) {
+            const int q0 = sub[bi] / 4, q1 = sub[bi + 1] / 4;
+            __m256i acc[MR][NV];
+            for (int r = 0; r < MR; ++r)
+                for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_si256();
+            const uint8_t* q = Q + (size_t)q0 * 256 + 32 * v0;
+            int qi = q0;
+#if !(defined(__AVX512VNNI__) && defined(__AVX512VL__)) && !defined(GK_I8_NOPAIR)
+            // two quads at a time: their int16 pair sums (each <= 2·15·127) are added in int16
+            // before the one VPMADDWD that widens them, 5 instructions per 64 multiply-adds, not 6
+            for (; qi + 2 <= q1; qi += 2, q += 512) {
+                __m256i w[NV], u[NV];
+                for (int v = 0; v < NV; ++v) {
+                    w[v] = _mm256_loadu_si256((const __m256i*)(q + 32 * v));
+                    u[v] = _mm256_loadu_si256((const __m256i*)(q + 256 + 32 * v));
+                }
+                for (int r = 0; r < MR; ++r) {
+                    int32_t x8[2];
+                    memcpy(x8, XQ + (size_t)r * ldx + 4 * qi, 8);
+                    const __m256i xa = _mm256_set1_epi32(x8[0]), xb = _mm256_set1_epi32(x8[1]);
+                    for (int v = 0; v < NV; ++v)
+                        acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_madd_epi16(
+                            _mm256_add_epi16(_mm256_maddubs_epi16(w[v], xa), _mm256_maddubs_epi16(u[v], xb)), ones));
+                }
+            }
+#endif
+            for (; qi < q1; ++qi, q += 256) {
+                __m256i w[NV];
+                for (int v = 0; v < NV; ++v) w[v] = _mm256_loadu_si256((const __m256i*)(q + 32 * v));
+                for (int r = 0; r < MR; ++r) {
+                    int32_t x4;
+                    memcpy(&x4, XQ + (size_t)r * ldx + 4 * qi, 4);
+                    const __m256i xb = _mm256_set1_epi32(x4);
+                    for (int v = 0; v < NV; ++v) acc[r][v] = i8_dot(acc[r][v], w[v], xb, ones);
+                }
+            }
+            for (int r = 0; r < MR; ++r) {
+                const __m256 a = _mm256_set1_ps(AX[(size_t)r * NB + bi]);
+                for (int v = 0; v < NV; ++v)
+                    f[r][v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][v]), _mm256_mul_ps(sv[v], a), f[r][v]);
+            }
+        }
+        for (int v = 0; v < NV; ++v) {
+            const __m256 szv = _mm256_loadu_ps(SZb + (size_t)g * 64 + 8 * (v0 + v));
+            for (int r = 0; r < MR; ++r)
+                f[r][v] = _mm256_fnmadd_ps(szv, _mm256_set1_ps(AXS[(size_t)r * G + g]), f[r][v]);
+        }
+    }
+    for (int v = 0; v < NV; ++v) {
+        const int nc = ncols - 8 * (v0 + v);
+        if (nc <= 0) continue;
+        for (int r = 0; r < MR; ++r) {
+            float* o = Y + (size_t)r * ldy + 8 * (v0 + v);
+            if (nc >= 8) {
+                _mm256_storeu_ps(o, f[r][v]);
+            } else {
+                float tmp[8];
+                _mm256_storeu_ps(tmp, f[r][v]);
+                memcpy(o, tmp, sizeof(float) * nc);
+            }
+        }
+    }
+}
+
+// Tiles of MR rows x NV 8-column vectors: 3 x 2 for AVX2 (6 int32 accumulators, the two quads'
+// 4 weight vectors, 2 broadcasts and the constant fit 16 ymm registers; 4 x 2 spilled: 1.36x
+// torch.mm at M = 512 against 1.9-2.1x), 4 x 2 with AVX-512's 32 registers and VPDPBUSD
+// (side by side, 1 thread: 2.4-2.9x torch.mm; 3 x 2 1.8-2.2x).
+#ifndef GK_I8_MR
+#if defined(__AVX512F__)
+#define GK_I8_MR 4
+#else
+#define GK_I8_MR 3
+#endif
+#endif
+#ifndef GK_I8_NV
+#define GK_I8_NV 2
+#endif
+// xb: rows of x per int8 scale (a multiple of 4; blocks never straddle a group run), 0 for one
+// scale per group run
+static int gemm_i8_impl(const uint8_t* W, const float* S, const float* SZ, const int32_t* seg,
+                        int K, int G, int nblk, const float* X, int M, float* Y, int N, int xb,
+                        int nthreads) {
+    if (K % 4 || xb < 0 || xb % 4) return -1;
+    for (int g = 0; g <= G; ++g)
+        if (seg[g] % 4) return -1;
+    // the blocks of rows that share an activation scale: group runs cut every xb rows
+    int NB = 0;
+    for (int g = 0; g < G; ++g) {
+        const int len = seg[g + 1] - seg[g];
+        NB += xb ? (len + xb - 1) / xb : (len > 0);
+    }
+    int32_t* sub = (int32_t*)malloc(sizeof(int32_t) * ((size_t)NB + G + 2));
+    int8_t* XQ = (int8_t*)malloc((size_t)M * K + 64);
+    float* AX = (float*)malloc(sizeof(float) * ((size_t)M * (NB + G) + 16));
+    if (!sub || !XQ || !AX) { free(sub); free(XQ); free(AX); return -3; }
+    int32_t* gsub = sub + NB + 1;
+    float* AXS = AX + (size_t)M * NB;
+    {
+        int bi = 0;
+        for (int g = 0; g < G; ++g) {
+            gsub[g] = bi;
+            for (int k = seg[g]; k < seg[g + 1]; k += xb ? xb : (seg[g + 1] - seg[g])) sub[bi++] = k;
+        }
+        gsub[G] = bi;
+        sub[bi] = K;
+    }
+    i8_quant_x(X, M, K, G, NB, sub, gsub, XQ, AX, AXS, nthreads);
+    // work items (block, chunk of rows), as in gemv_impl
+    int nmc = 1;
+    if (nthreads > 1 && 2 * nthreads > nblk) {
+        nmc = (2 * nthreads + nblk - 1) / nblk;
+        const int most = (M + 11) / 12;
+        if (nmc > most) nmc = most;
+    }
+    const int rc = nmc > 1 ? ((M + nmc - 1) / nmc + 11) / 12 * 12 : M;
+    nmc = (M + rc - 1) / rc;
+    const int nitems = nblk * nmc;
+    int err = 0;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    {
+        uint8_t* Q = (uint8_t*)malloc((size_t)K * 64 + 64);
+        if (!Q) {
+#pragma omp atomic write
+            err = -3;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int it = 0; it < nitems; ++it) {
+            if (!Q) continue;
+            const int j = it / nmc, m0 = (it % nmc) * rc, Mc = (M - m0) < rc ? (M - m0) : rc;
+            i8_relayout(W + (size_t)j * K * 32, K, Q);
+            const float* Sb = S + (size_t)j * G * 64;
+            const float* SZb = SZ + (size_t)j * G * 64;
+            const int ncols = (N - 64 * j) < 64 ? (N - 64 * j) : 64;
+            float* Yb = Y + 64 * (size_t)j + (size_t)m0 * N;
+            for (int v0 = 0; v0 < 8 && 8 * v0 < ncols; v0 += GK_I8_NV) {
+                int m = 0;
+#define GK_I8_ROWS(R) i8_rows<R, GK_I8_NV>(Q, Sb, SZb, G, NB, sub, gsub, XQ + (size_t)(m0 + m) * K, K, \
+                                           AX + (size_t)(m0 + m) * NB, AXS + (size_t)(m0 + m) * G, \
+                                           Yb + (size_t)m * N, N, v0, ncols)
+                for (; m + GK_I8_MR <= Mc; m += GK_I8_MR) GK_I8_ROWS(GK_I8_MR);
+                switch (Mc - m) {
+#if GK_I8_MR > 5
+                    case 5: GK_I8_ROWS(5); break;
+#endif
+#if GK_I8_MR > 4
+                    case 4: GK_I8_ROWS(4); break;
+#endif
+                    case 3: GK_I8_ROWS(3); break;
+                    case 2: GK_I8_ROWS(2); break;
+                    case 1: GK_I8_ROWS(1); break;
+                    default: break;
+                }
+#undef GK_I8_ROWS
+            }
+        }
+        free(Q);
+    }
+    free(sub);
+    free(XQ);
+    free(AX);
+    return err;
+}
+#else
+#define GK_HAS_I8 0
+#endif
+
 extern "C" {
-int gk_abi_version(void) { return 6; }  // 4: gk_clip_search, 5: gk_sgemv_rows (end of file), 6: gk_gptq_columns
+int gk_abi_version(void) { return 7; }  // 4: gk_clip_search, 5: gk_sgemv_rows (end of file), 6: gk_gptq_columns, 7: gk_gemm_i8
+int gk_has_i8(void) { return GK_HAS_I8; }
 int gk_has_dp(void) { return GK_HAS_DP; }
 
 // The widest vector ISA this build was compiled for: the backend picks its large-M path from it
@@ -579,6 +880,19 @@ struct gk_layer {
 
 int gk_gemv_layer(const gk_layer* L, const float* X, int M, float* Y, int nthreads) {
     return gk_gemv(L->W, L->S, L->SZ, L->seg, L->bits, L->K, L->G, L->nblk, X, M, Y, L->N, nthreads);
+}
+
+// 4-bit GEMM with int8 activations (see above): -1 if a group run is not whole quads of rows,
+// -2 where the build has no AVX2, -3 if out of memory
+int gk_gemm_i8(const uint8_t* W, const float* S, const float* SZ, const int32_t* seg, int K, int G,
+               int nblk, const float* X, int M, float* Y, int N, int xb, int nthreads) {
+#if GK_HAS_I8
+    return gemm_i8_impl(W, S, SZ, seg, K, G, nblk, X, M, Y, N, xb, nthreads);
+#else
+    (void)W; (void)S; (void)SZ; (void)seg; (void)K; (void)G; (void)nblk; (void)X; (void)M; (void)Y;
+    (void)N; (void)xb; (void)nthreads;
+    return -2;
+#endif
 }
 
 int gk_dequant(const uint8_t* W, const float* S, const float* SZ, const int32_t* gk, int bits,

@@ -40,7 +40,8 @@ int64_t threads_for(int64_t M, int64_t K, int64_t N, int64_t nblk, bool dp) {
 at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s,
                       const at::Tensor& sz, const at::Tensor& seg, const at::Tensor& gk,
                       const std::optional<at::Tensor>& perm, const std::optional<at::Tensor>& bias,
-                      int64_t N, int64_t bits, int64_t dp, int64_t gemm_min_m, int64_t tile_bytes) {
+                      int64_t N, int64_t bits, int64_t dp, int64_t gemm_min_m, int64_t tile_bytes,
+                      int64_t i8_min_m, int64_t i8_block) {
     TORCH_CHECK(x.device().is_cpu(), "gptqkit::cpu_linear: x must be on the CPU, got ", x.device());
     TORCH_CHECK(x.dim() >= 1 && x.size(-1) == gk.numel(), "gptqkit::cpu_linear: x has ",
                 x.dim() ? x.size(-1) : 0, " features, the layer takes ", gk.numel());
@@ -64,7 +65,13 @@ at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor
     at::Tensor y = at::detail::empty_cpu(shape, at::kFloat);
     float* Y = y.data_ptr<float>();
     int rc = 0;
-    if (M < gemm_min_m) {
+    if (i8_min_m > 0 && M >= i8_min_m) {
+        // prefill sizes of a 4-bit layer: int8 activations (cpu_kernels.cpp, gk_gemm_i8)
+        at::Tensor xin = x2.scalar_type() == at::kFloat ? x2 : x2.to(at::kFloat).contiguous();
+        rc = gk_gemm_i8(w.data_ptr<uint8_t>(), s.data_ptr<float>(), sz.data_ptr<float>(),
+                        seg.data_ptr<int32_t>(), (int)K, (int)G, (int)nblk, xin.data_ptr<float>(),
+                        (int)M, Y, (int)N, (int)i8_block, (int)nt);
+    } else if (M < gemm_min_m) {
         if (M) {
             if (dp) {
                 // bf16 x goes in as is (exact); anything else as fp32, split into 2 bf16 parts
@@ -120,11 +127,11 @@ at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor
 
 }  // namespace
 
-extern "C" int gk_op_abi_version(void) { return 1; }
+extern "C" int gk_op_abi_version(void) { return 2; }
 
 TORCH_LIBRARY(gptqkit, m) {
     m.def("cpu_linear(Tensor x, Tensor w, Tensor s, Tensor sz, Tensor seg, Tensor gk, Tensor? perm, "
-          "Tensor? bias, int N, int bits, int dp, int gemm_min_m, int tile_bytes) -> Tensor");
+          "Tensor? bias, int N, int bits, int dp, int gemm_min_m, int tile_bytes, int i8_min_m, int i8_block) -> Tensor");
     // the large-buffer cache of quantization (buffer_cache.cpp, gptqkit/heap.py)
     m.def("buffer_cache(int cap, int threshold) -> int[]", &gk_cache::configure);
 }
