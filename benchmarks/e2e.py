@@ -17,7 +17,12 @@ the median over rounds (and every round's values).
 
 Per subprocess, batch 1, random token ids (seeded, identical for every variant):
 * prefill: one forward over a --prompt-token prompt (default 512), use_cache=True; 1 warm-up,
-  median of --inner timed calls -> prompt tokens / s.
+  median of --inner timed calls -> prompt tokens / s. Logits at every position (what perplexity
+  needs: the output head runs on all 512 rows).
+* prefill, last position (`prefill_last_tok_s`): the same forward with logits_to_keep=1, the
+  prefill generate() runs (the head on one row).
+* `q4-i8` (opt-in variant): the q4 model with the int8-activation GEMM from 16 rows
+  (GPTQKIT_CPU_I8_MIN_M=16).
 * decode (manual loop): after the prefill, --new tokens (default 64) one at a time, greedy
   (argmax), with past_key_values (DynamicCache); timed loop excludes the prefill -> tokens / s.
 * decode (manual loop, own cache): the same loop with the KV cache the model's generate() makes:
@@ -147,6 +152,13 @@ def worker(a) -> dict:
         t_pre = statistics.median(ts)
         res["prefill_s"] = t_pre
         res["prefill_tok_s"] = a.prompt / t_pre
+        # the prefill generate() runs: the head on the last position only (logits_to_keep=1)
+        ts = []
+        for _ in range(a.inner):
+            t = time.perf_counter()
+            model(prompt, use_cache=True, logits_to_keep=1)
+            ts.append(time.perf_counter() - t)
+        res["prefill_last_tok_s"] = a.prompt / statistics.median(ts)
 
         # decode, manual loop (own=True: with the KV cache the model's generate() makes)
         def decode(n, own=False):
@@ -280,7 +292,7 @@ def driver(a) -> dict:
                 raise SystemExit(f"worker {v} failed")
             res = json.loads(p.stdout.strip().splitlines()[-1])
             log("   ", {k: (round(x, 3) if isinstance(x, float) else x) for k, x in res.items()
-                       if k in ("prefill_tok_s", "decode_tok_s", "decode_own_tok_s", "own_cache", "generate_decode_tok_s", "rss_start_mb", "rss_after_load_mb", "rss_after_load_trim_mb",
+                       if k in ("prefill_tok_s", "prefill_last_tok_s", "decode_tok_s", "decode_own_tok_s", "own_cache", "generate_decode_tok_s", "rss_start_mb", "rss_after_load_mb", "rss_after_load_trim_mb",
                                 "rss_peak_mb")})
             rounds[v].append(res)
 
@@ -290,10 +302,12 @@ def driver(a) -> dict:
 
     summary = {}
     for v in variants:
-        s = {k: med(v, k) for k in ("prefill_tok_s", "decode_tok_s", "decode_ms_per_token", "generate_s",
+        s = {k: med(v, k) for k in ("prefill_tok_s", "prefill_last_tok_s", "decode_tok_s", "decode_ms_per_token", "generate_s",
                                     "generate_decode_tok_s", "rss_start_mb", "rss_after_load_mb", "rss_after_load_trim_mb", "rss_peak_mb", "weight_mb",
                                     "state_dict_mb", "derived_mb", "load_s")}
         s["decode_tok_s_rounds"] = [r["decode_tok_s"] for r in rounds[v]]
+        s["prefill_tok_s_rounds"] = [r["prefill_tok_s"] for r in rounds[v]]
+        s["prefill_last_tok_s_rounds"] = [r.get("prefill_last_tok_s") for r in rounds[v]]
         s["decode_own_tok_s"] = med(v, "decode_own_tok_s")
         s["decode_own_tok_s_rounds"] = [r.get("decode_own_tok_s") for r in rounds[v]]
         s["own_cache"] = rounds[v][0].get("own_cache") if rounds[v] else None
@@ -304,7 +318,7 @@ def driver(a) -> dict:
         summary[v] = s
     if "fp32" in summary:
         for v in variants:
-            for k in ("prefill_tok_s", "decode_tok_s", "decode_own_tok_s", "generate_decode_tok_s"):
+            for k in ("prefill_tok_s", "prefill_last_tok_s", "decode_tok_s", "decode_own_tok_s", "generate_decode_tok_s"):
                 if summary[v].get(k) and summary["fp32"].get(k):
                     summary[v][k.replace("_tok_s", "") + "_vs_fp32"] = summary[v][k] / summary["fp32"][k]
     import torch
@@ -320,14 +334,15 @@ def table(path: str) -> str:
     f = lambda x, n=1: "–" if x is None else f"{x:.{n}f}"  # noqa: E731
     lines = ["| variant | prefill tok/s | decode tok/s (loop) | ms/token | decode tok/s (loop, own cache) | "
              "decode tok/s (generate) | decode vs fp32 | decode vs fp32 (own caches) | prefill vs fp32 | "
+             "prefill vs fp32, last-position head (generate's) | "
              "RSS after load MB (after malloc_trim) | peak RSS MB | weights MB | derived MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for v, r in s.items():
         own = f"{f(r.get('decode_own_tok_s'))} ({r.get('own_cache') or '–'})"
         lines.append(f"| {v} | {f(r['prefill_tok_s'])} | {f(r['decode_tok_s'])} | {f(r['decode_ms_per_token'], 2)} | "
                      f"{own} | {f(r['generate_decode_tok_s'])} | {f(r.get('decode_vs_fp32'), 2)}× | "
                      f"{f(r.get('decode_own_vs_fp32'), 2)}× | "
-                     f"{f(r.get('prefill_vs_fp32'), 2)}× | {f(r['rss_after_load_mb'], 0)} ({f(r.get('rss_after_load_trim_mb'), 0)}) | {f(r['rss_peak_mb'], 0)} | "
+                     f"{f(r.get('prefill_vs_fp32'), 2)}× | {f(r.get('prefill_last_vs_fp32'), 2)}× | {f(r['rss_after_load_mb'], 0)} ({f(r.get('rss_after_load_trim_mb'), 0)}) | {f(r['rss_peak_mb'], 0)} | "
                      f"{f(r['weight_mb'], 0)} | {f(r['derived_mb'], 0)} |")
     lines += ["", "| variant | decode step ms | linears ms (n) | lm_head ms | rest ms | linears % | lm_head % | rest % |",
               "|---|---|---|---|---|---|---|---|"]

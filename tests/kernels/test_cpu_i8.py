@@ -18,8 +18,9 @@ pytestmark = [
     pytest.mark.skipif(not cpu.i8_available(), reason="no int8-activation kernel in this build (needs AVX2)"),
 ]
 
-# (K, N, group_size): ragged last group, one group (-1), groups of 32, 128-row runs
-SHAPES = [(96, 77, 64), (160, 33, 128), (224, 130, 32), (256, 64, -1)]
+# (K, N, group_size): ragged last group, one group of 352 (-1: three scale runs, the last of 96),
+# groups of 32, 128-row runs
+SHAPES = [(96, 77, 64), (160, 33, 128), (224, 130, 32), (352, 64, -1)]
 
 
 def prepared(layer, **attrs):
@@ -36,21 +37,28 @@ def prepared(layer, **attrs):
 
 
 def x_hat(x2: torch.Tensor, seg: torch.Tensor, block: int) -> torch.Tensor:
-    """float64 x̂ of rows x2 (already in the layout's row order): blocks of `block` features
-    (0: whole runs) inside each run [seg[g], seg[g+1]); a = max|x|/127 and 127/max as IEEE fp32
-    divisions (double quotient rounded once to fp32 is the correctly rounded fp32 quotient), x·ia
-    in fp32, rounded half to even, clamped to ±127."""
+    """float64 x̂ of rows x2 (already in the layout's row order), as csrc/cpu_kernels.cpp defines
+    it: each run [seg[g], seg[g+1]) cut into scale runs of <= 128 features, each into blocks of
+    `block` (0: one block per scale run); a scale run has a = max|x|/127, a block the scale
+    a·2^-e with e <= 7 the largest such that max_block·2^e <= max_run. 127/max and max/127 are IEEE
+    fp32 divisions (the double quotient rounded once to fp32 is the correctly rounded fp32 one),
+    x·ia in fp32, rounded half to even, clamped to ±127."""
     out = torch.zeros(x2.shape, dtype=torch.float64)
     for g in range(seg.numel() - 1):
-        k0, k1 = int(seg[g]), int(seg[g + 1])
-        for b0 in range(k0, k1, block or max(k1 - k0, 1)):
-            b1 = min(k1, b0 + block) if block else k1
-            xs = x2[:, b0:b1]
-            amax = xs.abs().amax(1, keepdim=True).double()
-            a = (amax / 127).float()
-            ia = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax)).float()
-            xq = torch.round(xs * ia).clamp(-127, 127)
-            out[:, b0:b1] = xq.double() * a.double()
+        for r0 in range(int(seg[g]), int(seg[g + 1]), 128):
+            r1 = min(int(seg[g + 1]), r0 + 128)
+            amr = x2[:, r0:r1].abs().amax(1, keepdim=True)  # fp32
+            iar = torch.where(amr > 0, 127 / amr.double(), torch.zeros_like(amr, dtype=torch.float64)).float()
+            ar = (amr.double() / 127).float().double()
+            for b0 in range(r0, r1, block or (r1 - r0)):
+                b1 = min(r1, b0 + block) if block else r1
+                xs = x2[:, b0:b1]
+                amb = xs.abs().amax(1, keepdim=True)
+                e = torch.zeros_like(amb)
+                for _ in range(7):  # largest e <= 7 with amb·2^(e+1) <= amr, step by step
+                    e = torch.where(amb * 2 ** (e + 1) <= amr, e + 1, e)
+                xq = torch.round(xs * (iar * 2 ** e)).clamp(-127, 127)
+                out[:, b0:b1] = xq.double() * ar * 2.0 ** (-e.double())
     return out
 
 
@@ -69,7 +77,7 @@ def reference(layer, ref, x: torch.Tensor, block: int) -> torch.Tensor:
 @pytest.mark.parametrize("bits", [3, 4])
 @pytest.mark.parametrize("sym", [True, False])
 @pytest.mark.parametrize("act_order", [False, True])
-@pytest.mark.parametrize("block", [32, 0, 8])
+@pytest.mark.parametrize("block", [32, 0, 8, 4])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_matches_float64_product_of_rounded_x(make_layer, make_pair, relerr, bits, sym, act_order, block, shape):
     K, N, g = shape

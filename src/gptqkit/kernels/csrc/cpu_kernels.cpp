@@ -547,32 +547,25 @@ static void gemv_dp_impl(const uint8_t* W, const float* S16, const float* SZ16, 
 // 4-bit GEMM with int8 activations (prefill sizes, AVX2 and up): the llama.cpp "Q4 x Q8" idea on
 // gptqkit's layout. At M >= 64 the fp32 FMA kernel runs at the core's FMA rate, as fp32 BLAS
 // does, so a 4-bit layer cannot prefill faster than the dense one in fp32 arithmetic. Integer
-// dot products do 32 multiply-adds per instruction pair (VPMADDUBSW u8 x s8 -> int16 pairs, then
-// VPMADDWD by 1 -> int32; one VPDPBUSD where AVX512-VNNI exists) against 8 per FMA.
+// dot products do 64 multiply-adds per 5 instructions (two VPMADDUBSW u8 x s8 -> int16 pair sums,
+// one VPADDW, one VPMADDWD -> int32, one VPADDD) against 8 per FMA.
 //
-// Numerics: each row of x is quantized to int8 per block b of xb rows inside a group run (cpu.py
-// passes 32; 0 = one block per run), x ~ a_b·xq with a_b = max|x|/127 (round half to even), and
-//   y[n] = sum_g ( S[g,n] · sum_{b in g} a_b sum_{k in b} xq[k] q[k,n]  -  SZ[g,n] · sum_{b in g} a_b sum_{k in b} xq[k] )
-// i.e. W_deq · x̂ with x̂ = a·xq: the integer sums are exact (int16 pairs <= 2·15·127, int32
-// per block), the only new error is x's rounding to 8 bits (<= a_b/2 per element). That changes
-// the model's numbers (SmolLM2 4-bit: perplexity +0.35 % with blocks of 32, +0.8 % per group of
-// 128; BENCHMARKS.md), so cpu.py runs it only when asked (GPTQKIT_CPU_I8_MIN_M). Only 4-bit codes
+// Numerics: each row of x is rounded to int8 per block b of rows (xb = 32 from cpu.py) inside a
+// scale run r (a group run cut every 128 rows): x ~ a_r 2^-e_b xq, a_r = max_r|x|/127, e_b the
+// largest e <= 7 with max_b|x| 2^e <= max_r|x| (a power-of-two refinement of the run's scale, within
+// a factor 2 of the block's own max/127; see i8_quant_x), round half to even. Then
+//   y[n] = sum_g ( S[g,n] sum_{r in g} a_r 2^-7 sum_{b in r} 2^(7-e_b) sum_{k in b} xq[k] q[k,n]
+//                  - SZ[g,n] sum_{k in g} x̂[k] )
+// i.e. W_deq · x̂ with x̂ = a_r 2^-e_b xq: the integer sums are exact, the only new error is x's
+// rounding to 8 bits. That changes the model's numbers (SmolLM2 4-bit: perplexity +0.3-0.4 %,
+// BENCHMARKS.md), so cpu.py runs it only when asked (GPTQKIT_CPU_I8_MIN_M). Only 4-bit codes
 // (and 3-bit ones held as 4-bit) with every group run whole quads of rows (standard group sizes).
-//
 // The codes are read from the FMA layout above; each work item first rewrites its 64-column
 // block into "quads" in a scratch buffer: Q [K/4][8][32], vector v of quad r holding columns
 // 8v..8v+7, byte 4c+i = code(row 4r+i, column 8v+c) — the operand order of VPMADDUBSW/VPDPBUSD.
 // That costs ~0.2 instructions per code, once per block and item, against M multiply-adds.
 #if defined(__AVX2__)
 #define GK_HAS_I8 1
-static inline __m256i i8_dot(__m256i acc, __m256i w, __m256i x, __m256i ones) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    (void)ones;
-    return _mm256_dpbusd_epi32(acc, w, x);
-#else
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones));
-#endif
-}
 
 // a 64-column block of the 4-bit FMA layout ([K][32 bytes]: byte 16h+lane holds column
 // 32h+lane in its low nibble and 32h+16+lane in its high one) -> quads (above)
@@ -604,58 +597,78 @@ static void i8_relayout(const uint8_t* __restrict Wb, int K, uint8_t* __restrict
     }
 }
 
-// x [M, K] fp32 -> XQ [M, K] int8 with one scale per row and block of rows (sub-run b =
-// [sub[b], sub[b+1]), inside one group run): AX [M, NB] = a (x ~ a·xq); and per row and group
-// run, AXS [M, G] = sum over its blocks of a·sum(xq), the zero-point term's sum of x̂
-static void i8_quant_x(const float* X, int M, int K, int G, int NB, const int32_t* sub,
-                       const int32_t* gsub, int8_t* XQ, float* AX, float* AXS, int nthreads) {
+// Scales of x: each group run is cut into scale runs of <= 128 rows, each scale run into blocks
+// of xb rows. A scale run r has a = max|x|/127 over it; a block b inside it is rounded at the
+// finer scale a·2^-e, e <= I8_E the largest with max_b·2^e <= max_r (so |xq| <= 127 still): a
+// block-wise scale within a factor 2 of max_b/127 (llama.cpp-style blocks of 32), whose products
+// are summed in integers: the int16 pair sums are widened by VPMADDWD with 2^(E-e) instead of 1,
+// so the fp32 epilogue (convert, scale, accumulate) runs once per scale run, not per block.
+// Bounds: int16 pair sums <= 2·2·15·127 = 7620; per int32 lane <= 128·15·127·2^7 < 2^25.
+#define I8_E 7
+#define I8_RUN 128
+// x [M, K] fp32 -> XQ [M, K] int8; per row: P [NB] = 2^(E-e_b) in both int16 halves, AR [NR] =
+// (max_r/127)·2^-E, and per group AXS [G] = the zero-point term's sum of x̂ over the group
+static void i8_quant_x(const float* X, int M, int K, int G, int NR, int NB, const int32_t* gr,
+                       const int32_t* rb, const int32_t* sub, int8_t* XQ, int32_t* P, float* AR,
+                       float* AXS, int nthreads) {
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
     for (int m = 0; m < M; ++m) {
         const float* x = X + (size_t)m * K;
         int8_t* xq = XQ + (size_t)m * K;
         const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+        auto amax_of = [&](int k0, int k1) {
+            __m256 mx = _mm256_setzero_ps();
+            int k = k0;
+            for (; k + 8 <= k1; k += 8) mx = _mm256_max_ps(mx, _mm256_and_ps(_mm256_loadu_ps(x + k), absmask));
+            float t[8], am = 0.f;
+            _mm256_storeu_ps(t, mx);
+            for (int i = 0; i < 8; ++i) am = t[i] > am ? t[i] : am;
+            for (; k < k1; ++k) am = std::fabs(x[k]) > am ? std::fabs(x[k]) : am;
+            return am;
+        };
         for (int g = 0; g < G; ++g) {
             float xs = 0.f;
-            for (int bi = gsub[g]; bi < gsub[g + 1]; ++bi) {
-                const int k0 = sub[bi], k1 = sub[bi + 1];
-                __m256 mx = _mm256_setzero_ps();
-                int k = k0;
-                for (; k + 8 <= k1; k += 8) mx = _mm256_max_ps(mx, _mm256_and_ps(_mm256_loadu_ps(x + k), absmask));
-                float amax = 0.f;
-                {
-                    float t[8];
-                    _mm256_storeu_ps(t, mx);
-                    for (int i = 0; i < 8; ++i) amax = t[i] > amax ? t[i] : amax;
+            for (int r = gr[g]; r < gr[g + 1]; ++r) {
+                const float amr = amax_of(sub[rb[r]], sub[rb[r + 1]]);
+                const float iar = amr > 0.f ? 127.f / amr : 0.f;
+                AR[(size_t)m * NR + r] = amr / 127.f * (1.f / (1 << I8_E));
+                int32_t sp = 0;  // sum over the run's blocks of 2^(E-e)·sum(xq)
+                for (int bi = rb[r]; bi < rb[r + 1]; ++bi) {
+                    const int k0 = sub[bi], k1 = sub[bi + 1];
+                    const float amb = amax_of(k0, k1);
+                    int e = 0;
+                    while (e < I8_E && amb * (float)(2 << e) <= amr) ++e;  // exact: powers of two
+                    const float ia = iar * (float)(1 << e);
+                    const __m256 iav = _mm256_set1_ps(ia);
+                    __m256i sv = _mm256_setzero_si256();
+                    int k = k0;
+                    for (; k + 8 <= k1; k += 8) {
+                        // round half to even (MXCSR's default mode); |x·ia| <= 127 up to ia's rounding
+                        __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k), iav));
+                        q = _mm256_min_epi32(_mm256_max_epi32(q, _mm256_set1_epi32(-127)), _mm256_set1_epi32(127));
+                        sv = _mm256_add_epi32(sv, q);
+                        const __m256i p16 = _mm256_packs_epi32(q, q), p8 = _mm256_packs_epi16(p16, p16);
+                        const int32_t lo4 = _mm256_extract_epi32(p8, 0), hi4 = _mm256_extract_epi32(p8, 4);
+                        memcpy(xq + k, &lo4, 4);
+                        memcpy(xq + k + 4, &hi4, 4);
+                    }
+                    int32_t sq = 0;
+                    {
+                        int32_t t[8];
+                        _mm256_storeu_si256((__m256i*)t, sv);
+                        for (int i = 0; i < 8; ++i) sq += t[i];
+                    }
+                    for (; k < k1; ++k) {
+                        int q = (int)std::nearbyint(x[k] * ia);
+                        q = q < -127 ? -127 : (q > 127 ? 127 : q);
+                        xq[k] = (int8_t)q;
+                        sq += q;
+                    }
+                    const int32_t pw = 1 << (I8_E - e);
+                    P[(size_t)m * NB + bi] = pw | (pw << 16);
+                    sp += pw * sq;
                 }
-                for (; k < k1; ++k) amax = std::fabs(x[k]) > amax ? std::fabs(x[k]) : amax;
-                const float a = amax / 127.f, ia = amax > 0.f ? 127.f / amax : 0.f;
-                const __m256 iav = _mm256_set1_ps(ia);
-                __m256i sv = _mm256_setzero_si256();
-                k = k0;
-                for (; k + 8 <= k1; k += 8) {
-                    // round half to even (MXCSR's default mode); |x·ia| <= 127 up to ia's rounding
-                    __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k), iav));
-                    q = _mm256_min_epi32(_mm256_max_epi32(q, _mm256_set1_epi32(-127)), _mm256_set1_epi32(127));
-                    sv = _mm256_add_epi32(sv, q);
-                    const __m256i p16 = _mm256_packs_epi32(q, q), p8 = _mm256_packs_epi16(p16, p16);
-                    const int32_t lo4 = _mm256_extract_epi32(p8, 0), hi4 = _mm256_extract_epi32(p8, 4);
-                    memcpy(xq + k, &lo4, 4);
-                    memcpy(xq + k + 4, &hi4, 4);
-                }
-                int32_t sq = 0;
-                {
-                    int32_t t[8];
-                    _mm256_storeu_si256((__m256i*)t, sv);
-                    for (int i = 0; i < 8; ++i) sq += t[i];
-                }
-                for (; k < k1; ++k) {
-                    int q = (int)std::nearbyint(x[k] * ia);
-                    q = q < -127 ? -127 : (q > 127 ? 127 : q);
-                    xq[k] = (int8_t)q;
-                    sq += q;
-                }
-                AX[(size_t)m * NB + bi] = a;
-                xs += a * (float)sq;
+                xs += AR[(size_t)m * NR + r] * (float)sp;
             }
             AXS[(size_t)m * G + g] = xs;
         }
@@ -665,58 +678,61 @@ static void i8_quant_x(const float* X, int M, int K, int G, int NB, const int32_
 // MR rows of xq against the NV 8-column vectors v0.. of one block's quads
 template <int MR, int NV>
 static void i8_rows(const uint8_t* __restrict Q, const float* __restrict Sb, const float* __restrict SZb,
-                    int G, int NB, const int32_t* __restrict sub, const int32_t* __restrict gsub,
-                    const int8_t* __restrict XQ, int ldx, const float* __restrict AX,
-                    const float* __restrict AXS, float* __restrict Y, int ldy, int v0, int ncols) {
-    const __m256i ones = _mm256_set1_epi16(1);
+                    int G, int NR, int NB, const int32_t* __restrict gr, const int32_t* __restrict rb,
+                    const int32_t* __restrict sub, const int8_t* __restrict XQ, int ldx,
+                    const int32_t* __restrict P, const float* __restrict AR, const float* __restrict AXS,
+                    float* __restrict Y, int ldy, int v0, int ncols) {
     __m256 f[MR][NV];
     for (int r = 0; r < MR; ++r)
         for (int v = 0; v < NV; ++v) f[r][v] = _mm256_setzero_ps();
     for (int g = 0; g < G; ++g) {
-        if (gsub[g] == gsub[g + 1]) continue;
+        if (gr[g] == gr[g + 1]) continue;
         __m256 sv[NV];
         for (int v = 0; v < NV; ++v) sv[v] = _mm256_loadu_ps(Sb + (size_t)g * 64 + 8 * (v0 + v));
-        for (int bi = gsub[g]; bi < gsub[g + 1]; ++bi) {
-            const int q0 = sub[bi] / 4, q1 = sub[bi + 1] / 4;
+        for (int ri = gr[g]; ri < gr[g + 1]; ++ri) {
             __m256i acc[MR][NV];
             for (int r = 0; r < MR; ++r)
                 for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_si256();
-            const uint8_t* q = Q + (size_t)q0 * 256 + 32 * v0;
-            int qi = q0;
-#if !(defined(__AVX512VNNI__) && defined(__AVX512VL__)) && !defined(GK_I8_NOPAIR)
-            // two quads at a time: their int16 pair sums (each <= 2·15·127) are added in int16
-            // before the one VPMADDWD that widens them, 5 instructions per 64 multiply-adds, not 6
-            for (; qi + 2 <= q1; qi += 2, q += 512) {
-                __m256i w[NV], u[NV];
-                for (int v = 0; v < NV; ++v) {
-                    w[v] = _mm256_loadu_si256((const __m256i*)(q + 32 * v));
-                    u[v] = _mm256_loadu_si256((const __m256i*)(q + 256 + 32 * v));
+            for (int bi = rb[ri]; bi < rb[ri + 1]; ++bi) {
+                const int q0 = sub[bi] / 4, q1 = sub[bi + 1] / 4;
+                const uint8_t* q = Q + (size_t)q0 * 256 + 32 * v0;
+                int qi = q0;
+                // VPMADDUBSW pair sums (int16), two quads added in int16, then one VPMADDWD by the
+                // block's 2^(E-e) widens them into the run's int32 sums: 5 instructions per 64
+                // multiply-adds and no per-block epilogue
+                for (; qi + 2 <= q1; qi += 2, q += 512) {
+                    __m256i w[NV], u[NV];
+                    for (int v = 0; v < NV; ++v) {
+                        w[v] = _mm256_loadu_si256((const __m256i*)(q + 32 * v));
+                        u[v] = _mm256_loadu_si256((const __m256i*)(q + 256 + 32 * v));
+                    }
+                    for (int r = 0; r < MR; ++r) {
+                        int32_t x8[2];
+                        memcpy(x8, XQ + (size_t)r * ldx + 4 * qi, 8);
+                        const __m256i xa = _mm256_set1_epi32(x8[0]), xb = _mm256_set1_epi32(x8[1]);
+                        const __m256i pw = _mm256_set1_epi32(P[(size_t)r * NB + bi]);
+                        for (int v = 0; v < NV; ++v)
+                            acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_madd_epi16(
+                                _mm256_add_epi16(_mm256_maddubs_epi16(w[v], xa), _mm256_maddubs_epi16(u[v], xb)), pw));
+                    }
                 }
-                for (int r = 0; r < MR; ++r) {
-                    int32_t x8[2];
-                    memcpy(x8, XQ + (size_t)r * ldx + 4 * qi, 8);
-                    const __m256i xa = _mm256_set1_epi32(x8[0]), xb = _mm256_set1_epi32(x8[1]);
-                    for (int v = 0; v < NV; ++v)
-                        acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_madd_epi16(
-                            _mm256_add_epi16(_mm256_maddubs_epi16(w[v], xa), _mm256_maddubs_epi16(u[v], xb)), ones));
+                for (; qi < q1; ++qi, q += 256) {
+                    __m256i w[NV];
+                    for (int v = 0; v < NV; ++v) w[v] = _mm256_loadu_si256((const __m256i*)(q + 32 * v));
+                    for (int r = 0; r < MR; ++r) {
+                        int32_t x4;
+                        memcpy(&x4, XQ + (size_t)r * ldx + 4 * qi, 4);
+                        const __m256i xb = _mm256_set1_epi32(x4);
+                        const __m256i pw = _mm256_set1_epi32(P[(size_t)r * NB + bi]);
+                        for (int v = 0; v < NV; ++v)
+                            acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_madd_epi16(_mm256_maddubs_epi16(w[v], xb), pw));
+                    }
                 }
             }
-#endif
-            for (; qi < q1; ++qi, q += 256) {
-                __m256i w[NV];
-                for (int v = 0; v < NV; ++v) w[v] = _mm256_loadu_si256((const __m256i*)(q + 32 * v));
-                for (int r = 0; r < MR; ++r) {
-                    int32_t x4;
-                    memcpy(&x4, XQ + (size_t)r * ldx + 4 * qi, 4);
-                    const __m256i xb = _mm256_set1_epi32(x4);
-                    for (int v = 0; v < NV; ++v) acc[r][v] = i8_dot(acc[r][v], w[v], xb, ones);
-                }
-            }
-            for (int r = 0; r < MR; ++r) {
-                const __m256 a = _mm256_set1_ps(AX[(size_t)r * NB + bi]);
-                for (int v = 0; v < NV; ++v)
-                    f[r][v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][v]), _mm256_mul_ps(sv[v], a), f[r][v]);
-            }
+            for (int v = 0; v < NV; ++v)
+                for (int r = 0; r < MR; ++r)
+                    f[r][v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][v]),
+                                              _mm256_mul_ps(sv[v], _mm256_set1_ps(AR[(size_t)r * NR + ri])), f[r][v]);
         }
         for (int v = 0; v < NV; ++v) {
             const __m256 szv = _mm256_loadu_ps(SZb + (size_t)g * 64 + 8 * (v0 + v));
@@ -741,12 +757,13 @@ static void i8_rows(const uint8_t* __restrict Q, const float* __restrict Sb, con
 }
 
 // Tiles of MR rows x NV 8-column vectors: 3 x 2 for AVX2 (6 int32 accumulators, the two quads'
-// 4 weight vectors, 2 broadcasts and the constant fit 16 ymm registers; 4 x 2 spilled: 1.36x
-// torch.mm at M = 512 against 1.9-2.1x), 4 x 2 with AVX-512's 32 registers and VPDPBUSD
-// (side by side, 1 thread: 2.4-2.9x torch.mm; 3 x 2 1.8-2.2x).
+// 4 weight vectors, 2 broadcasts and the block's multiplier fit 16 ymm registers; 4 x 2 spilled),
+// 6 x 2 with AVX-512's 32 registers. The same instructions on both builds, so the same numbers.
+// (A VPDPBUSD loop for AVX512-VNNI CPUs was tried and dropped: GCC copied its tied accumulators
+// around every instruction and it ran no faster than this one at 6 x 2 on Zen 4; BENCHMARKS.md.)
 #ifndef GK_I8_MR
 #if defined(__AVX512F__)
-#define GK_I8_MR 4
+#define GK_I8_MR 6
 #else
 #define GK_I8_MR 3
 #endif
@@ -754,36 +771,44 @@ static void i8_rows(const uint8_t* __restrict Q, const float* __restrict Sb, con
 #ifndef GK_I8_NV
 #define GK_I8_NV 2
 #endif
-// xb: rows of x per int8 scale (a multiple of 4; blocks never straddle a group run), 0 for one
-// scale per group run
+// xb: rows of x per block (a multiple of 4; blocks never straddle a scale run), 0 for one block
+// per scale run
 static int gemm_i8_impl(const uint8_t* W, const float* S, const float* SZ, const int32_t* seg,
                         int K, int G, int nblk, const float* X, int M, float* Y, int N, int xb,
                         int nthreads) {
     if (K % 4 || xb < 0 || xb % 4) return -1;
     for (int g = 0; g <= G; ++g)
         if (seg[g] % 4) return -1;
-    // the blocks of rows that share an activation scale: group runs cut every xb rows
-    int NB = 0;
-    for (int g = 0; g < G; ++g) {
-        const int len = seg[g + 1] - seg[g];
-        NB += xb ? (len + xb - 1) / xb : (len > 0);
-    }
-    int32_t* sub = (int32_t*)malloc(sizeof(int32_t) * ((size_t)NB + G + 2));
-    int8_t* XQ = (int8_t*)malloc((size_t)M * K + 64);
-    float* AX = (float*)malloc(sizeof(float) * ((size_t)M * (NB + G) + 16));
-    if (!sub || !XQ || !AX) { free(sub); free(XQ); free(AX); return -3; }
-    int32_t* gsub = sub + NB + 1;
-    float* AXS = AX + (size_t)M * NB;
-    {
-        int bi = 0;
-        for (int g = 0; g < G; ++g) {
-            gsub[g] = bi;
-            for (int k = seg[g]; k < seg[g + 1]; k += xb ? xb : (seg[g + 1] - seg[g])) sub[bi++] = k;
+    // scale runs (group runs cut every I8_RUN rows) and blocks (scale runs cut every xb rows)
+    int NR = 0, NB = 0;
+    for (int g = 0; g < G; ++g)
+        for (int k = seg[g]; k < seg[g + 1]; k += I8_RUN) {
+            const int len = (seg[g + 1] - k) < I8_RUN ? (seg[g + 1] - k) : I8_RUN;
+            ++NR;
+            NB += xb ? (len + xb - 1) / xb : 1;
         }
-        gsub[G] = bi;
+    int32_t* idx = (int32_t*)malloc(sizeof(int32_t) * ((size_t)NB + NR + G + 3));
+    int8_t* XQ = (int8_t*)malloc((size_t)M * K + 64);
+    float* AR = (float*)malloc(sizeof(float) * ((size_t)M * (NR + G) + 16));
+    int32_t* P = (int32_t*)malloc(sizeof(int32_t) * ((size_t)M * NB + 16));
+    if (!idx || !XQ || !AR || !P) { free(idx); free(XQ); free(AR); free(P); return -3; }
+    int32_t *sub = idx, *rb = idx + NB + 1, *gr = idx + NB + NR + 2;
+    float* AXS = AR + (size_t)M * NR;
+    {
+        int bi = 0, ri = 0;
+        for (int g = 0; g < G; ++g) {
+            gr[g] = ri;
+            for (int k = seg[g]; k < seg[g + 1]; k += I8_RUN) {
+                const int e = (seg[g + 1] - k) < I8_RUN ? seg[g + 1] : k + I8_RUN;
+                rb[ri++] = bi;
+                for (int kb = k; kb < e; kb += xb ? xb : (e - k)) sub[bi++] = kb;
+            }
+        }
+        gr[G] = ri;
+        rb[ri] = bi;
         sub[bi] = K;
     }
-    i8_quant_x(X, M, K, G, NB, sub, gsub, XQ, AX, AXS, nthreads);
+    i8_quant_x(X, M, K, G, NR, NB, gr, rb, sub, XQ, P, AR, AXS, nthreads);
     // work items (block, chunk of rows), as in gemv_impl
     int nmc = 1;
     if (nthreads > 1 && 2 * nthreads > nblk) {
@@ -813,9 +838,9 @@ static int gemm_i8_impl(const uint8_t* W, const float* S, const float* SZ, const
             float* Yb = Y + 64 * (size_t)j + (size_t)m0 * N;
             for (int v0 = 0; v0 < 8 && 8 * v0 < ncols; v0 += GK_I8_NV) {
                 int m = 0;
-#define GK_I8_ROWS(R) i8_rows<R, GK_I8_NV>(Q, Sb, SZb, G, NB, sub, gsub, XQ + (size_t)(m0 + m) * K, K, \
-                                           AX + (size_t)(m0 + m) * NB, AXS + (size_t)(m0 + m) * G, \
-                                           Yb + (size_t)m * N, N, v0, ncols)
+#define GK_I8_ROWS(R) i8_rows<R, GK_I8_NV>(Q, Sb, SZb, G, NR, NB, gr, rb, sub, XQ + (size_t)(m0 + m) * K, K, \
+                                           P + (size_t)(m0 + m) * NB, AR + (size_t)(m0 + m) * NR, \
+                                           AXS + (size_t)(m0 + m) * G, Yb + (size_t)m * N, N, v0, ncols)
                 for (; m + GK_I8_MR <= Mc; m += GK_I8_MR) GK_I8_ROWS(GK_I8_MR);
                 switch (Mc - m) {
 #if GK_I8_MR > 5
@@ -834,9 +859,10 @@ static int gemm_i8_impl(const uint8_t* W, const float* S, const float* SZ, const
         }
         free(Q);
     }
-    free(sub);
+    free(idx);
     free(XQ);
-    free(AX);
+    free(AR);
+    free(P);
     return err;
 }
 #else
