@@ -534,8 +534,10 @@ def _default_gemm_min_m() -> int:
     return 1 if platform.machine().lower() in ("x86_64", "amd64", "i686", "i386") else 2
 
 
-# Rows from which 4-bit layers run the int8-activation GEMM by default (`_i8_min_m`)
+# Rows from which 4-bit layers run the int8-activation GEMM by default (`_i8_min_m`): never, as
+# it changes the numbers (BENCHMARKS.md, "Prefill with int8 activations")
 I8_MIN_M = 0
+_i8_logged = False
 
 
 def _i8_min_m() -> int:
@@ -693,6 +695,12 @@ class CpuBackend:
         i8 = self.i8_min_m if self.i8_min_m is not None else _i8_min_m()
         if dp or kbits != 4 or K % 4 or bool((seg % 4 != 0).any()) or not i8_available():
             i8 = 0
+        global _i8_logged
+        if i8 and not _i8_logged:  # once per process: it changes the numbers, so say so
+            _i8_logged = True
+            log.info("cpu backend: 4-bit layers run with int8 activations from %d rows (GPTQKIT_CPU_I8_MIN_M; "
+                     "one scale per %s input features); results differ slightly from the exact kernel",
+                     i8, self.i8_block or "128")
         layout = CpuLayout(w=w, s=sc, sz=szc, seg=seg, gk=gs.to(torch.int32).contiguous(), perm=perm,
                            bias=layer.bias.float() if layer.bias is not None else None, K=K, N=N,
                            bits=kbits, dp=dp, gemm_min_m=gmin, tile_bytes=self.tile_bytes, i8_min_m=i8,
