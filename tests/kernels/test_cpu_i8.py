@@ -12,6 +12,7 @@ import torch
 
 from gptqkit.errors import BackendError
 from gptqkit.kernels import cpu
+from test_cpu import prepare_with as prepared  # CpuBackend settings read at prepare time
 
 pytestmark = [
     pytest.mark.skipif(cpu.get_lib() is None, reason=f"CPU kernel unavailable: {cpu.lib_error()}"),
@@ -21,19 +22,6 @@ pytestmark = [
 # (K, N, group_size): ragged last group, one group of 352 (-1: three scale runs, the last of 96),
 # groups of 32, 128-row runs
 SHAPES = [(96, 77, 64), (160, 33, 128), (224, 130, 32), (352, 64, -1)]
-
-
-def prepared(layer, **attrs):
-    """Prepare on the cpu backend with CpuBackend settings changed (read at prepare time)."""
-    saved = {k: getattr(cpu.CpuBackend, k) for k in attrs}
-    try:
-        for k, v in attrs.items():
-            setattr(cpu.CpuBackend, k, v)
-        layer.post_init("cpu")
-    finally:
-        for k, v in saved.items():
-            setattr(cpu.CpuBackend, k, v)
-    return layer
 
 
 def x_hat(x2: torch.Tensor, seg: torch.Tensor, block: int) -> torch.Tensor:

@@ -25,6 +25,18 @@
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
+#if defined(__AVX2__)
+// the first nc (<= 8 stores all 8, < 8 a ragged last block's) of 8 fp32 results into o
+static inline void store8(float* o, __m256 v, int nc) {
+    if (nc >= 8) {
+        _mm256_storeu_ps(o, v);
+    } else {
+        float tmp[8];
+        _mm256_storeu_ps(tmp, v);
+        memcpy(o, tmp, sizeof(float) * nc);
+    }
+}
+#endif
 
 typedef uint8_t v16u8 __attribute__((vector_size(16)));
 typedef int32_t v16i __attribute__((vector_size(64)));
@@ -213,16 +225,7 @@ static void block_rows_avx2(const uint8_t* __restrict Wb, const float* __restric
     for (int v = 0; v < NV; ++v) {
         const int nc = ncols - 8 * VV[v];  // columns of this vector that exist (ragged last block)
         if (nc <= 0) continue;
-        for (int r = 0; r < MR; ++r) {
-            float* o = Y + (size_t)r * ldy + 8 * VV[v];
-            if (nc >= 8) {
-                _mm256_storeu_ps(o, y[r][v]);
-            } else {
-                float tmp[8];
-                _mm256_storeu_ps(tmp, y[r][v]);
-                memcpy(o, tmp, sizeof(float) * nc);
-            }
-        }
+        for (int r = 0; r < MR; ++r) store8(Y + (size_t)r * ldy + 8 * VV[v], y[r][v], nc);
     }
 }
 
@@ -743,16 +746,7 @@ static void i8_rows(const uint8_t* __restrict Q, const float* __restrict Sb, con
     for (int v = 0; v < NV; ++v) {
         const int nc = ncols - 8 * (v0 + v);
         if (nc <= 0) continue;
-        for (int r = 0; r < MR; ++r) {
-            float* o = Y + (size_t)r * ldy + 8 * (v0 + v);
-            if (nc >= 8) {
-                _mm256_storeu_ps(o, f[r][v]);
-            } else {
-                float tmp[8];
-                _mm256_storeu_ps(tmp, f[r][v]);
-                memcpy(o, tmp, sizeof(float) * nc);
-            }
-        }
+        for (int r = 0; r < MR; ++r) store8(Y + (size_t)r * ldy + 8 * (v0 + v), f[r][v], nc);
     }
 }
 
