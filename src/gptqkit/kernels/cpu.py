@@ -572,7 +572,7 @@ class CpuLayout:
     gemm_min_m: int             # rows from which the tile-dequantize + BLAS path runs
     tile_bytes: int             # fp32 bytes of one dequantized tile on that path
     i8_min_m: int               # rows from which the int8-activation GEMM runs (0: never)
-    i8_block: int               # input features per int8 activation scale (0: one per group run)
+    i8_block: int               # features per int8 block scale of x (0: one per scale run of <= 128)
     use_op: bool                # call the torch custom op (else the ctypes library)
     # derived in __post_init__: the op's arguments after x, in one tuple (the forward is one call)
     op_args: tuple | None = field(init=False, repr=False, default=None)
@@ -646,7 +646,7 @@ class CpuBackend:
     # Rows from which 4-bit layers take the int8-activation GEMM (None: GPTQKIT_CPU_I8_MIN_M or
     # I8_MIN_M; 0 never). Read at prepare.
     i8_min_m: int | None = None
-    i8_block = 32  # input features per int8 scale of x (a multiple of 4; 0: one per group run)
+    i8_block = 32  # features per int8 block scale of x (a multiple of 4; 0: one per run of <= 128)
 
     def supports(self, layer: QuantLinear, device: torch.device) -> str | None:
         if torch.device(device).type != "cpu":
