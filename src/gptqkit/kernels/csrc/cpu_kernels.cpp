@@ -277,6 +277,22 @@ static void block_avx2(const uint8_t* Wb, const float* Sb, const float* SZb, con
 #define GK_MR 4
 #endif
 
+// Work items are (64-column block, chunk of rc rows), nmc chunks: blocks alone left threads idle
+// when a layer has fewer blocks than threads (N = 576: 9 blocks) at prefill sizes, so with more
+// threads than about half the blocks the rows are cut too, in multiples of 12 (whole tiles of 3,
+// 4 and 6 rows). Each output element is computed the same way in any split.
+static inline void row_chunks(int M, int nblk, int nthreads, int* rc_out, int* nmc_out) {
+    int nmc = 1;
+    if (nthreads > 1 && 2 * nthreads > nblk) {
+        nmc = (2 * nthreads + nblk - 1) / nblk;
+        const int most = (M + 11) / 12;
+        if (nmc > most) nmc = most;
+    }
+    const int rc = nmc > 1 ? ((M + nmc - 1) / nmc + 11) / 12 * 12 : M;
+    *rc_out = rc;
+    *nmc_out = (M + rc - 1) / rc;
+}
+
 template <int BITS>
 static void gemv_impl(const uint8_t* W, const float* S, const float* SZ, const int32_t* seg,
                       int K, int G, int nblk, const float* X, int M, float* Y, int N, int nthreads) {
@@ -290,18 +306,9 @@ static void gemv_impl(const uint8_t* W, const float* S, const float* SZ, const i
             XS[(size_t)m * G + g] = a;
         }
     constexpr int B = 8 * BITS;
-    // Work items are (block, chunk of rows). Blocks alone left threads idle when a layer has
-    // fewer 64-column blocks than threads (N = 576: 9 blocks) at prefill sizes, so with more
-    // threads than about half the blocks the rows are cut too, in multiples of 12 (whole tiles
-    // of 4 and of 6 rows). Each output element is computed the same way in any split.
-    int nmc = 1;
-    if (nthreads > 1 && 2 * nthreads > nblk) {
-        nmc = (2 * nthreads + nblk - 1) / nblk;
-        const int most = (M + 11) / 12;
-        if (nmc > most) nmc = most;
-    }
-    const int rc = nmc > 1 ? ((M + nmc - 1) / nmc + 11) / 12 * 12 : M;
-    nmc = (M + rc - 1) / rc;
+    // work items (block, chunk of rows): row_chunks
+    int rc, nmc;
+    row_chunks(M, nblk, nthreads, &rc, &nmc);
     const int nitems = nblk * nmc;
     // if(): a single-threaded call (all of a small model's M = 1 layers) never enters the pool
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1) if (nthreads > 1)
@@ -803,15 +810,9 @@ static int gemm_i8_impl(const uint8_t* W, const float* S, const float* SZ, const
         sub[bi] = K;
     }
     i8_quant_x(X, M, K, G, NR, NB, gr, rb, sub, XQ, P, AR, AXS, nthreads);
-    // work items (block, chunk of rows), as in gemv_impl
-    int nmc = 1;
-    if (nthreads > 1 && 2 * nthreads > nblk) {
-        nmc = (2 * nthreads + nblk - 1) / nblk;
-        const int most = (M + 11) / 12;
-        if (nmc > most) nmc = most;
-    }
-    const int rc = nmc > 1 ? ((M + nmc - 1) / nmc + 11) / 12 * 12 : M;
-    nmc = (M + rc - 1) / rc;
+    // work items (block, chunk of rows): row_chunks
+    int rc, nmc;
+    row_chunks(M, nblk, nthreads, &rc, &nmc);
     const int nitems = nblk * nmc;
     int err = 0;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
