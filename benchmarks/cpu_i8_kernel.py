@@ -21,6 +21,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--block", type=int, default=32, help="input features per int8 scale (0: per group)")
+    ap.add_argument("--group-size", type=int, default=128, help="-1: one group of all K rows")
     ap.add_argument("--shapes", default="512x576x576,512x576x192,512x576x1536,512x1536x576,64x576x1536,16x576x1536",
                     help="MxKxN,...")
     a = ap.parse_args()
@@ -32,7 +33,6 @@ def main() -> None:
     if lib is None or not cpu.i8_available():
         raise SystemExit(f"no int8-activation kernel in this build (isa {cpu.isa()}; {cpu.lib_error()})")
     gen = torch.Generator().manual_seed(0)
-    gs = 128
 
     def best(f):
         f()
@@ -45,6 +45,7 @@ def main() -> None:
 
     for spec in a.shapes.split(","):
         M, K, N = (int(v) for v in spec.split("x"))
+        gs = K if a.group_size == -1 else a.group_size
         G = -(-K // gs)
         nblk = -(-N // cpu.BLOCK)
         q = torch.randint(0, 16, (K, N), dtype=torch.int32, generator=gen)

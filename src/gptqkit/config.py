@@ -14,13 +14,12 @@ from typing import Any
 
 from .errors import CheckpointError, ConfigError
 from .formats.packing import SUPPORTED_BITS
+from .quant.gptq import SOLVE_ORDERS  # act-order's solve orders with static groups (solve_permutation)
 
 FORMATS = ("gptq", "gptq_v2")
 # gptq: GPTQ on the partially quantized model's inputs; rtn: round-to-nearest; gptaq: GPTQ with
 # asymmetric calibration (GPTAQ, "GPTQ v2"): also matches the full-precision model's outputs
 METHODS = ("gptq", "rtn", "gptaq")
-# act-order's solve order with static groups (quant/gptq.py::solve_permutation)
-SOLVE_ORDERS = ("columns", "groups")
 # GPTAQ's α, the strength of the asymmetry correction: the reference's (and GPTQModel's) default
 GPTAQ_ALPHA = 0.25
 QUANTIZE_CONFIG_FILE = "quantize_config.json"
