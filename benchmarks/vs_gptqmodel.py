@@ -1,8 +1,11 @@
 """gptqkit vs GPTQModel, side by side: same model, same calibration ids, same settings. Prints JSON.
 
     python benchmarks/vs_gptqmodel.py --nsamples 64 --seqlen 512 --windows 40 [--desc-act]
+    python benchmarks/vs_gptqmodel.py --model gemma3-270m --windows 16 --desc-act --skip-ours
 
-Model: the built-in SmolLM2-135M folder. Calibration: `--nsamples` x `--seqlen` token ids from
+Model: `--model`, resolved as benchmarks/quality.py resolves it (`gptqkit.api.resolve_model`):
+none for the built-in SmolLM2-135M folder, the name of another built-in model (`gemma3-270m`),
+or a model folder. Calibration: `--nsamples` x `--seqlen` token ids from
 `gptqkit.data.calibration_batches(tok, "shakespeare", ..., seed=--seed)`, made once and handed to
 both tools. Settings, explicit for both: bits, group size, sym, desc_act, damp_percent 0.01,
 damp_auto_increment 0.0025, true_sequential, mse off, v1 ("gptq") format, float32 compute
@@ -15,7 +18,10 @@ peak RSS is that step's own): gptqkit's quantization, GPTQModel's quantization, 
 checkpoint's perplexity on the held-out "shakespeare-eval" text (`--windows` windows of 512
 tokens, gptqkit's `perplexity`), loaded both with `gptqkit.load(dir, backend="torch")` and with
 GPTQModel's own loader -- so each tool also reads the other's checkpoint. The float model's
-perplexity is the reference row.
+perplexity is the reference row. The evaluation is quality.py's (same text, same `perplexity`
+call, the first `--windows` windows of 512), so with the same `--windows` (40 for SmolLM2, 16 for
+Gemma 3 in BENCHMARKS.md) and `--seed` the figures sit in the same table as quality.py's, whose
+`gptqkit.quantize(..., seed=S)` draws the same calibration ids (`calibration.ids_sha256` here).
 
 Times: `load_s` (model load), `quantize_s` (the quantize call alone), `save_s`, and
 `quantize_save_s` (their sum). gptqkit writes the checkpoint while it quantizes (one block at a
@@ -30,6 +36,7 @@ core count): GPTQModel refuses to start with fewer than 2.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import os
@@ -196,6 +203,8 @@ def run_child(a: argparse.Namespace, worker: str, tmp: Path, **extra) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="a built-in model name (default: SmolLM2-135M; gemma3-270m) "
+                    "or a model folder, resolved as in benchmarks/quality.py")
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--windows", type=int, default=40, help="evaluation windows of 512 tokens")
@@ -221,7 +230,6 @@ def main() -> None:
     # internal: one step in a subprocess
     ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
-    ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--ids", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", help=argparse.SUPPRESS)
@@ -243,12 +251,11 @@ def main() -> None:
     import transformers
 
     import gptqkit
-    from gptqkit.api import load_tokenizer
+    from gptqkit.api import load_tokenizer, resolve_model
     from gptqkit.data import calibration_batches
-    from gptqkit.models.default import default_model_dir
 
     t_all = time.perf_counter()
-    a.model = str(default_model_dir())
+    a.model = str(resolve_model(a.model))  # the workers get this resolved folder as --model
     tok = load_tokenizer(a.model)
     ids = calibration_batches(tok, "shakespeare", nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed).input_ids
     tmp = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="gptqkit-vs-gptqmodel-"))
@@ -262,7 +269,8 @@ def main() -> None:
         "transformers": transformers.__version__, "gptqkit": gptqkit.__version__,
         "gptqmodel": None, "cpu_count": os.cpu_count(), "threads": a.threads or torch.get_num_threads(),
         "gptqmodel_cpu_workers": os.environ.get("GPTQMODEL_CPU_WORKERS"),
-        "calibration": {"source": "shakespeare", "seed": a.seed, "shape": list(ids.shape)},
+        "calibration": {"source": "shakespeare", "seed": a.seed, "shape": list(ids.shape),
+                        "ids_sha256": hashlib.sha256(ids.contiguous().numpy().tobytes()).hexdigest()},
         "settings": {"bits": a.bits, "group_size": a.group_size, "sym": True, "desc_act": a.desc_act,
                      "damp_percent": DAMP_PERCENT, "damp_auto_increment": DAMP_AUTO_INCREMENT,
                      "true_sequential": True, "mse": False, "format": "gptq (v1)", "compute_dtype": "float32",
