@@ -31,7 +31,7 @@ def _eval_ppl(model, tok, source, seqlen: int, max_windows: int | None, progress
     return perplexity(model, tok, source, seqlen=seqlen, max_windows=max_windows, progress=progress)
 
 
-def _load_any(path: str, backend: str | None, device: str):
+def _load_any(path: str, backend: str | None, device: str, int8_activations: bool | int | None = None):
     """A quantized checkpoint through gptqkit.load, a float model through transformers (safetensors only)."""
     import torch
 
@@ -41,8 +41,11 @@ def _load_any(path: str, backend: str | None, device: str):
 
     p = resolve_model_path(resolve_model(path))
     if QuantizeConfig.find(p) is not None:
-        model = load(p, backend=backend, device=device)
+        model = load(p, backend=backend, device=device, int8_activations=int8_activations)
     else:
+        if int8_activations:
+            print(f"note: --int8-activations applies to GPTQ checkpoints; {path} is a float model and runs as is",
+                  file=sys.stderr)
         model = _load_float(p).to(device)
         from .models.decode import enable as lean_decode
         from .models.kv_cache import use_growing_cache
@@ -226,7 +229,7 @@ def _summary_text(r: dict, rep, eval_seqlen: int) -> str:
 def cmd_eval(a) -> int:
     _positive("--max-windows", a.max_windows)
     _positive("--batch-size", a.batch_size)
-    model, tok = _load_any(a.model, a.backend, a.device)
+    model, tok = _load_any(a.model, a.backend, a.device, a.int8_activations)
     if a.tasks:  # lm-evaluation-harness tasks (optional package lm_eval)
         from .eval.harness import run_tasks
         r = run_tasks(model, tok, a.tasks.split(","), include_path=a.include_path, limit=a.limit,
@@ -254,7 +257,7 @@ def cmd_generate(a) -> int:
         raise ConfigError(f"--max-new-tokens must be at least 1, got {a.max_new_tokens}")
     if not a.temperature >= 0:
         raise ConfigError(f"--temperature must be 0 (greedy) or positive, got {a.temperature}")
-    model, tok = _load_any(a.model, a.backend, a.device)
+    model, tok = _load_any(a.model, a.backend, a.device, a.int8_activations)
     enc = tok(a.prompt, return_tensors="pt")
     if enc["input_ids"].shape[1] == 0:  # empty prompt: start from BOS, or say what is wrong
         if tok.bos_token_id is None:
@@ -399,6 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--backend", default=None)
     e.add_argument("--device", default="cpu")
     e.add_argument("--json", action="store_true")
+    e.add_argument("--int8-activations", type=int, nargs="?", const=True, default=None, metavar="ROWS",
+                   help="CPU, 4-bit layers: round the input of each layer to int8 when it has at least ROWS "
+                   "rows (default 16: prompts, not one-token steps); faster prefill, perplexity +0.3 %% (README)")
     e.add_argument("--tasks", default=None, help="comma-separated lm-evaluation-harness tasks (needs lm_eval)")
     e.add_argument("--include-path", default=None, help="folder of extra lm_eval task YAML files")
     e.add_argument("--limit", type=float, default=None, help="lm_eval: examples per task (or fraction)")
@@ -416,6 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="kernel: cpu, triton or torch (the reference); default: the fastest that runs each layer")
     gen.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     gen.add_argument("--json", action="store_true", help="print one JSON line: prompt, completion, new_tokens, seconds")
+    gen.add_argument("--int8-activations", type=int, nargs="?", const=True, default=None, metavar="ROWS",
+                     help="CPU, 4-bit layers: round the input of each layer to int8 when it has at least ROWS "
+                     "rows (default 16: prompts, not one-token steps); faster prefill, perplexity +0.3 %% (README)")
     gen.set_defaults(func=cmd_generate)
 
     i = sub.add_parser("inspect", help="config, layers, size and bits per parameter of a checkpoint")

@@ -21,7 +21,9 @@ pytestmark = [
 
 # (K, N, group_size): ragged last group, one group of 352 (-1: three scale runs, the last of 96),
 # groups of 32, 128-row runs
-SHAPES = [(96, 77, 64), (160, 33, 128), (224, 130, 32), (352, 64, -1)]
+# groups of 36: runs whole quads but not whole pairs of quads (the kernel's general block loop;
+# the others take its pair stream, csrc/cpu_kernels.cpp)
+SHAPES = [(96, 77, 64), (160, 33, 128), (224, 130, 32), (352, 64, -1), (288, 40, 36)]
 
 
 def x_hat(x2: torch.Tensor, seg: torch.Tensor, block: int) -> torch.Tensor:
@@ -155,3 +157,30 @@ def test_env_setting(monkeypatch):
     monkeypatch.setenv("GPTQKIT_CPU_I8_MIN_M", "many")
     with pytest.raises(BackendError, match="GPTQKIT_CPU_I8_MIN_M='many'.*0 to never"):
         cpu._i8_min_m()
+
+
+def test_set_int8_activations_on_a_model(make_layer, make_pair, relerr, monkeypatch):
+    """kernels.cpu.set_int8_activations (behind gptqkit.load(int8_activations=...) and the CLI's
+    --int8-activations): eligible layers take the int8 GEMM from the given rows on, others keep the
+    exact kernel, the choice outlives a new prepare (a move, a reload), and False gives back the
+    exact kernel bit for bit."""
+    monkeypatch.delenv("GPTQKIT_CPU_I8_MIN_M", raising=False)
+    q4, ref = make_pair(make_layer(160, 70, 4, 32, sym=False, act_order=True, seed=1), "cpu")
+    model = torch.nn.Sequential(prepared(q4, use_dp="0"), prepared(make_layer(160, 64, 8, 32, seed=2), use_dp="0"))
+    q8 = model[1]
+    exact = prepared(copy.deepcopy(q4), use_dp="0")
+    x = torch.randn(20, 160, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(q4(x), exact(x))  # off by default
+    assert cpu.set_int8_activations(model, 16) == 1  # the 8-bit layer keeps the exact kernel
+    assert q8.layout.i8_min_m == 0 and q4.int8_from == q8.int8_from == 16
+    y = q4(x)
+    assert not torch.equal(y, exact(x)) and relerr(y, reference(q4, ref, x, 32)) < 1e-6
+    assert torch.equal(q4(x[:15]), exact(x[:15]))  # below the rows given: exact
+    prepared(q4, use_dp="0")  # a new layout (what a move or reload does) keeps the setting
+    assert q4.layout.i8_min_m == 16 and torch.equal(q4(x), y)
+    assert cpu.set_int8_activations(model, True) == 1 and q4.layout.i8_min_m == cpu.I8_ROWS
+    assert cpu.set_int8_activations(model, False) == 0
+    assert torch.equal(q4(x), exact(x))
+    for bad in (-1, 2.5, "16"):
+        with pytest.raises(ValueError, match="int8 activations"):
+            cpu.set_int8_activations(model, bad)

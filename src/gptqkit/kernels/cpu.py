@@ -537,6 +537,9 @@ def _default_gemm_min_m() -> int:
 # Rows from which 4-bit layers run the int8-activation GEMM by default (`_i8_min_m`): never, as
 # it changes the numbers (BENCHMARKS.md, "Prefill with int8 activations")
 I8_MIN_M = 0
+# ... and what int8_activations=True / --int8-activations mean: from 16 rows (a batch of short
+# prompts or a prefill; at M = 16 the int8 GEMM is already 1.7x the FMA kernel on AVX2)
+I8_ROWS = 16
 _i8_logged = False
 
 
@@ -552,6 +555,49 @@ def _i8_min_m() -> int:
         raise BackendError(f"GPTQKIT_CPU_I8_MIN_M={env!r} is not a whole number: give the rows from "
                            "which the int8-activation kernel runs, or 0 to never use it") from None
     return max(0, n)
+
+
+def i8_eligible(dp: bool, bits: int, K: int, seg: torch.Tensor) -> bool:
+    """Whether gk_gemm_i8 can run a layer: 4-bit codes (3-bit ones are held as 4-bit) in the FMA
+    layout, every group run whole quads of rows (every standard group size), a build with it."""
+    return not dp and bits == 4 and K % 4 == 0 and bool((seg % 4 == 0).all()) and i8_available()
+
+
+def _log_i8(rows: int, block: int) -> None:
+    global _i8_logged
+    if not _i8_logged:  # once per process: it changes the numbers, so say so
+        _i8_logged = True
+        log.info("cpu backend: 4-bit layers run with int8 activations from %d rows (one scale per %s input "
+                 "features); results differ slightly from the exact kernel", rows, block or "128")
+
+
+def set_int8_activations(model: torch.nn.Module, rows: int | bool = True) -> int:
+    """Round the inputs of a loaded model's 4-bit CPU layers to int8 when they have at least
+    `rows` rows (True: I8_ROWS; False or 0: never, the exact kernel at every size): the
+    int8-activation GEMM, ~1.6-2x the fp32 kernel's speed at prefill sizes on AVX2 and AVX-512, for
+    slightly different numbers (SmolLM2 4-bit: perplexity +0.34 %; BENCHMARKS.md, "Prefill with int8
+    activations"). One-token decode never takes it. Returns how many layers it applies to (layers
+    on other backends, 2/8-bit, the bf16 dot-product layout and odd group sizes keep the exact path).
+    The setting stays with the layers through moves and reloads."""
+    from .qlinear import QuantLinear
+    if isinstance(rows, bool):
+        rows = I8_ROWS if rows else 0
+    if not isinstance(rows, int) or rows < 0:
+        raise ValueError(f"int8 activations: rows={rows!r}; give True, False, or the rows (a whole number "
+                         "≥ 0; 0 = never) from which the int8-activation kernel runs")
+    n = 0
+    for m in model.modules():
+        if not isinstance(m, QuantLinear):
+            continue
+        m.int8_from = rows
+        L = m.layout
+        if isinstance(L, CpuLayout):
+            ok = i8_eligible(L.dp, L.bits, L.K, L.seg)
+            L.set_i8_min_m(rows if ok else 0)
+            n += bool(ok and rows)
+    if n:
+        _log_i8(rows, CpuBackend.i8_block)
+    return n
 
 
 @dataclass(eq=False)
@@ -595,6 +641,13 @@ class CpuLayout:
                                     self.seg.data_ptr(), self.bits, self.K, self.seg.numel() - 1,
                                     self.nblk, self.N)
             self.cargs_ptr = ctypes.addressof(self.cargs)
+
+    def set_i8_min_m(self, rows: int) -> None:
+        """Run the int8-activation GEMM from `rows` rows on (0: never); the caller checks
+        `i8_eligible` first."""
+        self.i8_min_m = rows
+        if self.op_args is not None:
+            self.op_args = self.op_args[:-2] + (rows, self.i8_block)
 
     def __deepcopy__(self, memo):
         # a copied C struct would still point into this layout's tensors: rebuild it for the copy
@@ -692,15 +745,11 @@ class CpuBackend:
         gmin = self.gemm_min_m if self.gemm_min_m is not None else _default_gemm_min_m()
         # int8 activations at prefill sizes: 4-bit codes in the FMA layout whose group runs are
         # whole quads of rows (every standard group size)
-        i8 = self.i8_min_m if self.i8_min_m is not None else _i8_min_m()
-        if dp or kbits != 4 or K % 4 or bool((seg % 4 != 0).any()) or not i8_available():
-            i8 = 0
-        global _i8_logged
-        if i8 and not _i8_logged:  # once per process: it changes the numbers, so say so
-            _i8_logged = True
-            log.info("cpu backend: 4-bit layers run with int8 activations from %d rows (GPTQKIT_CPU_I8_MIN_M; "
-                     "one scale per %s input features); results differ slightly from the exact kernel",
-                     i8, self.i8_block or "128")
+        i8 = layer.int8_from if layer.int8_from is not None else \
+            self.i8_min_m if self.i8_min_m is not None else _i8_min_m()
+        i8 = i8 if i8_eligible(dp, kbits, K, seg) else 0
+        if i8:
+            _log_i8(i8, self.i8_block)
         layout = CpuLayout(w=w, s=sc, sz=szc, seg=seg, gk=gs.to(torch.int32).contiguous(), perm=perm,
                            bias=layer.bias.float() if layer.bias is not None else None, K=K, N=N,
                            bits=kbits, dp=dp, gemm_min_m=gmin, tile_bytes=self.tile_bytes, i8_min_m=i8,

@@ -169,6 +169,10 @@ class QuantLinear(nn.Module):
         self.grad_prepared_on: torch.device | None = None
         # True while `layout` holds the only copy of the codes and the qweight buffer is dropped
         self.codes_in_layout = False
+        # rows of input from which the cpu backend rounds x to int8 (4-bit layers; None: the backend's
+        # default, GPTQKIT_CPU_I8_MIN_M; 0: never). Set by gptqkit.load(int8_activations=...) and
+        # kernels.cpu.set_int8_activations; read at prepare, so it outlives a move or reload.
+        self.int8_from: int | None = None
 
     # ---- qweight: a buffer, or rebuilt from the layout when the layout holds the codes --------
     # The buffer keeps its slot in _buffers (set to None while dropped), so state_dict order,

@@ -283,9 +283,12 @@ static void block_avx2(const uint8_t* Wb, const float* Sb, const float* SZb, con
 // 4 and 6 rows). Each output element is computed the same way in any split.
 static inline void row_chunks(int M, int nblk, int nthreads, int* rc_out, int* nmc_out) {
     int nmc = 1;
-    if (nthreads > 1 && 2 * nthreads > nblk) {
-        nmc = (2 * nthreads + nblk - 1) / nblk;
+    if (nthreads > 1) {
         const int most = (M + 11) / 12;
+        if (2 * nthreads > nblk) nmc = (2 * nthreads + nblk - 1) / nblk;
+        // and an even share per thread: items a multiple of the threads unless there are many
+        // (9 blocks on 2 threads were 5 + 4 items; cut in 2 row chunks, 9 + 9)
+        while (nmc < most && (nblk * nmc) % nthreads && nblk * nmc < 8 * nthreads) ++nmc;
         if (nmc > most) nmc = most;
     }
     const int rc = nmc > 1 ? ((M + nmc - 1) / nmc + 11) / 12 * 12 : M;
@@ -685,8 +688,11 @@ static void i8_quant_x(const float* X, int M, int K, int G, int NR, int NB, cons
     }
 }
 
-// MR rows of xq against the NV 8-column vectors v0.. of one block's quads
-template <int MR, int NV>
+// MR rows of xq against the NV 8-column vectors v0.. of one block's quads. PAIRS: every block
+// bound is a multiple of 8 rows (the standard group sizes with xb = 32), so a scale run is one
+// stream of quad pairs with no per-block tail or index arithmetic (20 % faster than the general
+// loop below at blocks of 32 on AVX2)
+template <int MR, int NV, bool PAIRS>
 static void i8_rows(const uint8_t* __restrict Q, const float* __restrict Sb, const float* __restrict SZb,
                     int G, int NR, int NB, const int32_t* __restrict gr, const int32_t* __restrict rb,
                     const int32_t* __restrict sub, const int8_t* __restrict XQ, int ldx,
@@ -703,6 +709,31 @@ static void i8_rows(const uint8_t* __restrict Q, const float* __restrict Sb, con
             __m256i acc[MR][NV];
             for (int r = 0; r < MR; ++r)
                 for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_si256();
+            if (PAIRS) {
+                // every block whole pairs of quads: the blocks of a run are one stream of pairs,
+                // only the multiplier changes between them
+                const int8_t* xr = XQ + sub[rb[ri]];
+                const uint8_t* q = Q + (size_t)(sub[rb[ri]] >> 2) * 256 + 32 * v0;
+                for (int bi = rb[ri]; bi < rb[ri + 1]; ++bi) {
+                    __m256i pw[MR];
+                    for (int r = 0; r < MR; ++r) pw[r] = _mm256_set1_epi32(P[(size_t)r * NB + bi]);
+                    for (int np = (sub[bi + 1] - sub[bi]) >> 3; np > 0; --np, q += 512, xr += 8) {
+                        __m256i w[NV], u[NV];
+                        for (int v = 0; v < NV; ++v) {
+                            w[v] = _mm256_loadu_si256((const __m256i*)(q + 32 * v));
+                            u[v] = _mm256_loadu_si256((const __m256i*)(q + 256 + 32 * v));
+                        }
+                        for (int r = 0; r < MR; ++r) {
+                            int32_t x8[2];
+                            memcpy(x8, xr + (size_t)r * ldx, 8);
+                            const __m256i xa = _mm256_set1_epi32(x8[0]), xb = _mm256_set1_epi32(x8[1]);
+                            for (int v = 0; v < NV; ++v)
+                                acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_madd_epi16(
+                                    _mm256_add_epi16(_mm256_maddubs_epi16(w[v], xa), _mm256_maddubs_epi16(u[v], xb)), pw[r]));
+                        }
+                    }
+                }
+            } else
             for (int bi = rb[ri]; bi < rb[ri + 1]; ++bi) {
                 const int q0 = sub[bi] / 4, q1 = sub[bi + 1] / 4;
                 const uint8_t* q = Q + (size_t)q0 * 256 + 32 * v0;
@@ -810,6 +841,8 @@ static int gemm_i8_impl(const uint8_t* W, const float* S, const float* SZ, const
         sub[bi] = K;
     }
     i8_quant_x(X, M, K, G, NR, NB, gr, rb, sub, XQ, P, AR, AXS, nthreads);
+    bool pairs = true;
+    for (int bi = 0; bi <= NB; ++bi) pairs = pairs && sub[bi] % 8 == 0;
     // work items (block, chunk of rows): row_chunks
     int rc, nmc;
     row_chunks(M, nblk, nthreads, &rc, &nmc);
@@ -833,7 +866,7 @@ static int gemm_i8_impl(const uint8_t* W, const float* S, const float* SZ, const
             float* Yb = Y + 64 * (size_t)j + (size_t)m0 * N;
             for (int v0 = 0; v0 < 8 && 8 * v0 < ncols; v0 += GK_I8_NV) {
                 int m = 0;
-#define GK_I8_ROWS(R) i8_rows<R, GK_I8_NV>(Q, Sb, SZb, G, NR, NB, gr, rb, sub, XQ + (size_t)(m0 + m) * K, K, \
+#define GK_I8_ROWS(R) (pairs ? i8_rows<R, GK_I8_NV, true> : i8_rows<R, GK_I8_NV, false>)(Q, Sb, SZb, G, NR, NB, gr, rb, sub, XQ + (size_t)(m0 + m) * K, K, \
                                            P + (size_t)(m0 + m) * NB, AR + (size_t)(m0 + m) * NR, \
                                            AXS + (size_t)(m0 + m) * G, Yb + (size_t)m * N, N, v0, ncols)
                 for (; m + GK_I8_MR <= Mc; m += GK_I8_MR) GK_I8_ROWS(GK_I8_MR);
