@@ -54,7 +54,7 @@ from typing import Callable
 
 import torch
 
-from ..errors import BackendError
+from ..errors import BackendError, ConfigError
 from ..formats.packing import unpack_qweight, unpack_qzeros
 from .qlinear import QuantLinear, epilogue, group_order, prologue, register_backend, unsort_rows
 
@@ -583,8 +583,8 @@ def set_int8_activations(model: torch.nn.Module, rows: int | bool = True) -> int
     if isinstance(rows, bool):
         rows = I8_ROWS if rows else 0
     if not isinstance(rows, int) or rows < 0:
-        raise ValueError(f"int8 activations: rows={rows!r}; give True, False, or the rows (a whole number "
-                         "≥ 0; 0 = never) from which the int8-activation kernel runs")
+        raise ConfigError(f"int8 activations: rows={rows!r}; give True, False, or the rows (a whole number "
+                          "≥ 0; 0 = never) from which the int8-activation kernel runs")
     n = 0
     for m in model.modules():
         if not isinstance(m, QuantLinear):
