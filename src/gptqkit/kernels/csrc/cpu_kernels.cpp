@@ -717,11 +717,8 @@ static void i8_quant_x(const float* X, int M, int K, int G, int NR, int NB, cons
     }
 }
 
-// MR rows of xq against the NV 8-column vectors v0.. of one block's quads. PAIRS: every block
-// bound is a multiple of 8 rows (the standard group sizes with xb = 32), so a scale run is one
-// stream of quad pairs with no per-block tail or index arithmetic (20 % faster than the general
-// loop below at blocks of 32 on AVX2)
-template <int MR, int NV, bool PAIRS>
+// MR rows of xq against the NV 8-column vectors v0.. of one block's quads
+template <int MR, int NV>
 static void i8_rows(const uint8_t* __restrict Q, const float* __restrict Sb, const float* __restrict SZb,
                     int G, int NR, int NB, const int32_t* __restrict gr, const int32_t* __restrict rb,
                     const int32_t* __restrict sub, const int8_t* __restrict XQ, int ldx,
@@ -738,39 +735,18 @@ static void i8_rows(const uint8_t* __restrict Q, const float* __restrict Sb, con
             __m256i acc[MR][NV];
             for (int r = 0; r < MR; ++r)
                 for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_si256();
-            if (PAIRS) {
-                // every block whole pairs of quads: the blocks of a run are one stream of pairs,
-                // only the multiplier changes between them
-                const int8_t* xr = XQ + sub[rb[ri]];
-                const uint8_t* q = Q + (size_t)(sub[rb[ri]] >> 2) * 256 + 32 * v0;
-                for (int bi = rb[ri]; bi < rb[ri + 1]; ++bi) {
-                    __m256i pw[MR];
-                    for (int r = 0; r < MR; ++r) pw[r] = _mm256_set1_epi32(P[(size_t)r * NB + bi]);
-                    for (int np = (sub[bi + 1] - sub[bi]) >> 3; np > 0; --np, q += 512, xr += 8) {
-                        __m256i w[NV], u[NV];
-                        for (int v = 0; v < NV; ++v) {
-                            w[v] = _mm256_loadu_si256((const __m256i*)(q + 32 * v));
-                            u[v] = _mm256_loadu_si256((const __m256i*)(q + 256 + 32 * v));
-                        }
-                        for (int r = 0; r < MR; ++r) {
-                            int32_t x8[2];
-                            memcpy(x8, xr + (size_t)r * ldx, 8);
-                            const __m256i xa = _mm256_set1_epi32(x8[0]), xb = _mm256_set1_epi32(x8[1]);
-                            for (int v = 0; v < NV; ++v)
-                                acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_madd_epi16(
-                                    _mm256_add_epi16(_mm256_maddubs_epi16(w[v], xa), _mm256_maddubs_epi16(u[v], xb)), pw[r]));
-                        }
-                    }
-                }
-            } else
+            // the blocks of a run are one stream of quads: VPMADDUBSW pair sums (int16), two quads
+            // added in int16, then one VPMADDWD by the block's 2^(E-e) widens them into the run's
+            // int32 sums (5 instructions per 64 multiply-adds, no per-block epilogue); a block with
+            // an odd number of quads ends with one quad alone. Only the multiplier changes between
+            // blocks, and no index is recomputed (that cost ~10 % at blocks of 32 on AVX2).
+            const int8_t* xr = XQ + sub[rb[ri]];
+            const uint8_t* q = Q + (size_t)(sub[rb[ri]] >> 2) * 256 + 32 * v0;
             for (int bi = rb[ri]; bi < rb[ri + 1]; ++bi) {
-                const int q0 = sub[bi] / 4, q1 = sub[bi + 1] / 4;
-                const uint8_t* q = Q + (size_t)q0 * 256 + 32 * v0;
-                int qi = q0;
-                // VPMADDUBSW pair sums (int16), two quads added in int16, then one VPMADDWD by the
-                // block's 2^(E-e) widens them into the run's int32 sums: 5 instructions per 64
-                // multiply-adds and no per-block epilogue
-                for (; qi + 2 <= q1; qi += 2, q += 512) {
+                __m256i pw[MR];
+                for (int r = 0; r < MR; ++r) pw[r] = _mm256_set1_epi32(P[(size_t)r * NB + bi]);
+                const int nq = (sub[bi + 1] - sub[bi]) >> 2;
+                for (int np = nq >> 1; np > 0; --np, q += 512, xr += 8) {
                     __m256i w[NV], u[NV];
                     for (int v = 0; v < NV; ++v) {
                         w[v] = _mm256_loadu_si256((const __m256i*)(q + 32 * v));
@@ -778,25 +754,25 @@ static void i8_rows(const uint8_t* __restrict Q, const float* __restrict Sb, con
                     }
                     for (int r = 0; r < MR; ++r) {
                         int32_t x8[2];
-                        memcpy(x8, XQ + (size_t)r * ldx + 4 * qi, 8);
+                        memcpy(x8, xr + (size_t)r * ldx, 8);
                         const __m256i xa = _mm256_set1_epi32(x8[0]), xb = _mm256_set1_epi32(x8[1]);
-                        const __m256i pw = _mm256_set1_epi32(P[(size_t)r * NB + bi]);
                         for (int v = 0; v < NV; ++v)
                             acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_madd_epi16(
-                                _mm256_add_epi16(_mm256_maddubs_epi16(w[v], xa), _mm256_maddubs_epi16(u[v], xb)), pw));
+                                _mm256_add_epi16(_mm256_maddubs_epi16(w[v], xa), _mm256_maddubs_epi16(u[v], xb)), pw[r]));
                     }
                 }
-                for (; qi < q1; ++qi, q += 256) {
+                if (nq & 1) {
                     __m256i w[NV];
                     for (int v = 0; v < NV; ++v) w[v] = _mm256_loadu_si256((const __m256i*)(q + 32 * v));
                     for (int r = 0; r < MR; ++r) {
                         int32_t x4;
-                        memcpy(&x4, XQ + (size_t)r * ldx + 4 * qi, 4);
+                        memcpy(&x4, xr + (size_t)r * ldx, 4);
                         const __m256i xb = _mm256_set1_epi32(x4);
-                        const __m256i pw = _mm256_set1_epi32(P[(size_t)r * NB + bi]);
                         for (int v = 0; v < NV; ++v)
-                            acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_madd_epi16(_mm256_maddubs_epi16(w[v], xb), pw));
+                            acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_madd_epi16(_mm256_maddubs_epi16(w[v], xb), pw[r]));
                     }
+                    q += 256;
+                    xr += 4;
                 }
             }
             for (int v = 0; v < NV; ++v)
@@ -870,8 +846,6 @@ static int gemm_i8_impl(const uint8_t* W, const float* S, const float* SZ, const
         sub[bi] = K;
     }
     i8_quant_x(X, M, K, G, NR, NB, gr, rb, sub, XQ, P, AR, AXS, nthreads);
-    bool pairs = true;
-    for (int bi = 0; bi <= NB; ++bi) pairs = pairs && sub[bi] % 8 == 0;
     // work items (block, chunk of rows): row_chunks
     int rc, nmc;
     row_chunks(M, nblk, nthreads, &rc, &nmc);
@@ -895,7 +869,7 @@ static int gemm_i8_impl(const uint8_t* W, const float* S, const float* SZ, const
             float* Yb = Y + 64 * (size_t)j + (size_t)m0 * N;
             for (int v0 = 0; v0 < 8 && 8 * v0 < ncols; v0 += GK_I8_NV) {
                 int m = 0;
-#define GK_I8_ROWS(R) (pairs ? i8_rows<R, GK_I8_NV, true> : i8_rows<R, GK_I8_NV, false>)(Q, Sb, SZb, G, NR, NB, gr, rb, sub, XQ + (size_t)(m0 + m) * K, K, \
+#define GK_I8_ROWS(R) i8_rows<R, GK_I8_NV>(Q, Sb, SZb, G, NR, NB, gr, rb, sub, XQ + (size_t)(m0 + m) * K, K, \
                                            P + (size_t)(m0 + m) * NB, AR + (size_t)(m0 + m) * NR, \
                                            AXS + (size_t)(m0 + m) * G, Yb + (size_t)m * N, N, v0, ncols)
                 for (; m + GK_I8_MR <= Mc; m += GK_I8_MR) GK_I8_ROWS(GK_I8_MR);
