@@ -317,6 +317,12 @@ def cmd_report(a) -> int:
     return 0
 
 
+# eval and generate: the CPU backend's int8-activation GEMM (kernels/cpu.py, set_int8_activations)
+INT8_ARG = dict(type=int, nargs="?", const=True, default=None, metavar="ROWS",
+                help="CPU, 4-bit layers: round the input of each layer to int8 when it has at least ROWS rows "
+                "(default 16: prompts, not one-token steps); faster prefill, perplexity +0.3 %% (README)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gptqkit", description="GPTQ quantization for Hugging Face causal LMs")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -402,9 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--backend", default=None)
     e.add_argument("--device", default="cpu")
     e.add_argument("--json", action="store_true")
-    e.add_argument("--int8-activations", type=int, nargs="?", const=True, default=None, metavar="ROWS",
-                   help="CPU, 4-bit layers: round the input of each layer to int8 when it has at least ROWS "
-                   "rows (default 16: prompts, not one-token steps); faster prefill, perplexity +0.3 %% (README)")
+    e.add_argument("--int8-activations", **INT8_ARG)
     e.add_argument("--tasks", default=None, help="comma-separated lm-evaluation-harness tasks (needs lm_eval)")
     e.add_argument("--include-path", default=None, help="folder of extra lm_eval task YAML files")
     e.add_argument("--limit", type=float, default=None, help="lm_eval: examples per task (or fraction)")
@@ -422,9 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="kernel: cpu, triton or torch (the reference); default: the fastest that runs each layer")
     gen.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     gen.add_argument("--json", action="store_true", help="print one JSON line: prompt, completion, new_tokens, seconds")
-    gen.add_argument("--int8-activations", type=int, nargs="?", const=True, default=None, metavar="ROWS",
-                     help="CPU, 4-bit layers: round the input of each layer to int8 when it has at least ROWS "
-                     "rows (default 16: prompts, not one-token steps); faster prefill, perplexity +0.3 %% (README)")
+    gen.add_argument("--int8-activations", **INT8_ARG)
     gen.set_defaults(func=cmd_generate)
 
     i = sub.add_parser("inspect", help="config, layers, size and bits per parameter of a checkpoint")

@@ -538,7 +538,7 @@ def _default_gemm_min_m() -> int:
 # it changes the numbers (BENCHMARKS.md, "Prefill with int8 activations")
 I8_MIN_M = 0
 # ... and what int8_activations=True / --int8-activations mean: from 16 rows (a batch of short
-# prompts or a prefill; at M = 16 the int8 GEMM is already 1.7x the FMA kernel on AVX2)
+# prompts or a prefill; at M = 16 the int8 GEMM is already 1.5-1.7x the FMA kernel on AVX2)
 I8_ROWS = 16
 _i8_logged = False
 
@@ -579,7 +579,6 @@ def set_int8_activations(model: torch.nn.Module, rows: int | bool = True) -> int
     activations"). One-token decode never takes it. Returns how many layers it applies to (layers
     on other backends, 2/8-bit, the bf16 dot-product layout and odd group sizes keep the exact path).
     The setting stays with the layers through moves and reloads."""
-    from .qlinear import QuantLinear
     if isinstance(rows, bool):
         rows = I8_ROWS if rows else 0
     if not isinstance(rows, int) or rows < 0:
