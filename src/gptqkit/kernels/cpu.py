@@ -696,7 +696,7 @@ class CpuBackend:
     # the torch custom op when it builds (True), else the ctypes library; False forces ctypes
     use_op = True
     # Rows from which 4-bit layers take the int8-activation GEMM (None: GPTQKIT_CPU_I8_MIN_M or
-    # I8_MIN_M; 0 never). Read at prepare.
+    # I8_MIN_M; 0 never), unless the layer's own `int8_from` says otherwise. Read at prepare.
     i8_min_m: int | None = None
     i8_block = 32  # features per int8 block scale of x (a multiple of 4; 0: one per run of <= 128)
 

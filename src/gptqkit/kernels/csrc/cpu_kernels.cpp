@@ -600,7 +600,7 @@ static void gemv_dp_impl(const uint8_t* W, const float* S16, const float* SZ16, 
 //                  - SZ[g,n] sum_{k in g} x̂[k] )
 // i.e. W_deq · x̂ with x̂ = a_r 2^-e_b xq: the integer sums are exact, the only new error is x's
 // rounding to 8 bits. That changes the model's numbers (SmolLM2 4-bit: perplexity +0.3-0.4 %,
-// BENCHMARKS.md), so cpu.py runs it only when asked (GPTQKIT_CPU_I8_MIN_M). Only 4-bit codes
+// BENCHMARKS.md), so cpu.py runs it only when asked (int8_activations / GPTQKIT_CPU_I8_MIN_M). Only 4-bit codes
 // (and 3-bit ones held as 4-bit) with every group run whole quads of rows (standard group sizes).
 // The codes are read from the FMA layout above; each work item first rewrites its 64-column
 // block into "quads" in a scratch buffer: Q [K/4][8][32], vector v of quad r holding columns
