@@ -184,3 +184,36 @@ def test_set_int8_activations_on_a_model(make_layer, make_pair, relerr, monkeypa
     for bad in (-1, 2.5, "16"):
         with pytest.raises(ValueError, match="int8 activations"):
             cpu.set_int8_activations(model, bad)
+
+
+@pytest.mark.parametrize("block", [0, 32])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_largest_sums_stay_exact(block, sign):
+    """The kernel adds up to 8 quads of VPMADDUBSW pair sums in int16 before widening: with every
+    code 15 and every x̂ ±127 a lane reaches ±16·15·127 = ±30480, just inside int16. Any wrap
+    would be off by 65536 products; the result must be the float64 sum."""
+    import ctypes
+    lib = cpu.get_lib()
+    K, N, M, gs = 256, 72, 7, 128  # two 128-row runs (32 quads each), a ragged second block of columns
+    G, nblk = K // gs, -(-N // cpu.BLOCK)
+    q = torch.full((K, N), 15, dtype=torch.int32)
+    s = torch.rand(G, N, generator=torch.Generator().manual_seed(0)) + 0.5
+    z = torch.full((G, N), 3.0)
+
+    def blocks(t):
+        pad = torch.zeros(G, nblk * cpu.BLOCK)
+        pad[:, :N] = t
+        return pad.reshape(G, nblk, cpu.BLOCK).permute(1, 0, 2).contiguous()
+
+    w, S, SZ = cpu.repack(q, 4), blocks(s), blocks(s * z)
+    seg = torch.tensor([0, gs, K], dtype=torch.int32)
+    x = torch.full((M, K), sign * 0.75)
+    y = torch.full((M, N), float("nan"))
+    p = ctypes.c_void_p
+    rc = lib.gk_gemm_i8(p(w.data_ptr()), p(S.data_ptr()), p(SZ.data_ptr()), p(seg.data_ptr()), K, G, nblk,
+                        p(x.data_ptr()), M, p(y.data_ptr()), N, block, 1)
+    assert rc == 0
+    # x̂ = 127·(0.75/127 in fp32) per element: a constant row rounds to ±127 everywhere
+    xh = 127 * torch.tensor(0.75 / 127, dtype=torch.float32).double() * sign
+    want = (xh * gs * ((15 - z) * s).double().sum(0)).expand(M, N)
+    assert torch.allclose(y.double(), want, rtol=1e-6, atol=0)

@@ -589,8 +589,9 @@ static void gemv_dp_impl(const uint8_t* W, const float* S16, const float* SZ16, 
 // 4-bit GEMM with int8 activations (prefill sizes, AVX2 and up): the llama.cpp "Q4 x Q8" idea on
 // gptqkit's layout. At M >= 64 the fp32 FMA kernel runs at the core's FMA rate, as fp32 BLAS
 // does, so a 4-bit layer cannot prefill faster than the dense one in fp32 arithmetic. Integer
-// dot products do 64 multiply-adds per 5 instructions (two VPMADDUBSW u8 x s8 -> int16 pair sums,
-// one VPADDW, one VPMADDWD -> int32, one VPADDD) against 8 per FMA.
+// dot products do 32 multiply-adds per 2 instructions (VPMADDUBSW u8 x s8 -> int16 pair sums,
+// VPADDW; 4-bit codes leave room to sum 8 quads in int16 before one VPMADDWD + VPADDD widens
+// them) against 8 per FMA.
 //
 // Numerics: each row of x is rounded to int8 per block b of rows (xb = 32 from cpu.py) inside a
 // scale run r (a group run cut every 128 rows): x ~ a_r 2^-e_b xq, a_r = max_r|x|/127, e_b the
@@ -735,44 +736,37 @@ static void i8_rows(const uint8_t* __restrict Q, const float* __restrict Sb, con
             __m256i acc[MR][NV];
             for (int r = 0; r < MR; ++r)
                 for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_si256();
-            // the blocks of a run are one stream of quads: VPMADDUBSW pair sums (int16), two quads
-            // added in int16, then one VPMADDWD by the block's 2^(E-e) widens them into the run's
-            // int32 sums (5 instructions per 64 multiply-adds, no per-block epilogue); a block with
-            // an odd number of quads ends with one quad alone. Only the multiplier changes between
-            // blocks, and no index is recomputed (that cost ~10 % at blocks of 32 on AVX2).
+            // the blocks of a run are one stream of quads. Within a block the VPMADDUBSW pair sums
+            // (int16) of up to 8 quads are added in int16 (|sum| <= 8·2·15·127 = 30480 < 2^15:
+            // exact), then one VPMADDWD by the block's 2^(E-e) widens them into the run's int32
+            // sums: 2 instructions per 32 multiply-adds, one of them on the multiply ports,
+            // against 5 per 64 (3 on the multiply ports) when every second quad was widened. Only
+            // the multiplier changes between blocks, and no index is recomputed.
             const int8_t* xr = XQ + sub[rb[ri]];
             const uint8_t* q = Q + (size_t)(sub[rb[ri]] >> 2) * 256 + 32 * v0;
             for (int bi = rb[ri]; bi < rb[ri + 1]; ++bi) {
-                __m256i pw[MR];
-                for (int r = 0; r < MR; ++r) pw[r] = _mm256_set1_epi32(P[(size_t)r * NB + bi]);
                 const int nq = (sub[bi + 1] - sub[bi]) >> 2;
-                for (int np = nq >> 1; np > 0; --np, q += 512, xr += 8) {
-                    __m256i w[NV], u[NV];
-                    for (int v = 0; v < NV; ++v) {
-                        w[v] = _mm256_loadu_si256((const __m256i*)(q + 32 * v));
-                        u[v] = _mm256_loadu_si256((const __m256i*)(q + 256 + 32 * v));
+                for (int q0 = 0; q0 < nq; q0 += 8) {
+                    const int n = (nq - q0) < 8 ? (nq - q0) : 8;
+                    __m256i s[MR][NV];
+                    for (int r = 0; r < MR; ++r)
+                        for (int v = 0; v < NV; ++v) s[r][v] = _mm256_setzero_si256();
+                    for (int i = 0; i < n; ++i, q += 256, xr += 4) {
+                        __m256i w[NV];
+                        for (int v = 0; v < NV; ++v) w[v] = _mm256_loadu_si256((const __m256i*)(q + 32 * v));
+                        for (int r = 0; r < MR; ++r) {
+                            int32_t x4;
+                            memcpy(&x4, xr + (size_t)r * ldx, 4);
+                            const __m256i xb = _mm256_set1_epi32(x4);
+                            for (int v = 0; v < NV; ++v)
+                                s[r][v] = _mm256_add_epi16(s[r][v], _mm256_maddubs_epi16(w[v], xb));
+                        }
                     }
                     for (int r = 0; r < MR; ++r) {
-                        int32_t x8[2];
-                        memcpy(x8, xr + (size_t)r * ldx, 8);
-                        const __m256i xa = _mm256_set1_epi32(x8[0]), xb = _mm256_set1_epi32(x8[1]);
+                        const __m256i pw = _mm256_set1_epi32(P[(size_t)r * NB + bi]);
                         for (int v = 0; v < NV; ++v)
-                            acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_madd_epi16(
-                                _mm256_add_epi16(_mm256_maddubs_epi16(w[v], xa), _mm256_maddubs_epi16(u[v], xb)), pw[r]));
+                            acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_madd_epi16(s[r][v], pw));
                     }
-                }
-                if (nq & 1) {
-                    __m256i w[NV];
-                    for (int v = 0; v < NV; ++v) w[v] = _mm256_loadu_si256((const __m256i*)(q + 32 * v));
-                    for (int r = 0; r < MR; ++r) {
-                        int32_t x4;
-                        memcpy(&x4, xr + (size_t)r * ldx, 4);
-                        const __m256i xb = _mm256_set1_epi32(x4);
-                        for (int v = 0; v < NV; ++v)
-                            acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_madd_epi16(_mm256_maddubs_epi16(w[v], xb), pw[r]));
-                    }
-                    q += 256;
-                    xr += 4;
                 }
             }
             for (int v = 0; v < NV; ++v)
@@ -793,14 +787,16 @@ static void i8_rows(const uint8_t* __restrict Q, const float* __restrict Sb, con
     }
 }
 
-// Tiles of MR rows x NV 8-column vectors: 3 x 2 for AVX2 (6 int32 accumulators, the two quads'
-// 4 weight vectors, 2 broadcasts and the block's multiplier fit 16 ymm registers; 4 x 2 spilled),
-// 6 x 2 with AVX-512's 32 registers. The same instructions on both builds, so the same numbers.
+// Tiles of MR rows x NV 8-column vectors: 3 x 2 for AVX2 (6 int16 sums, a quad's 2 weight
+// vectors, a broadcast and a product in 16 ymm registers; the int32 sums live on the stack, touched
+// once per 8 quads), 4 x 2 with AVX-512's 32 registers. Measured on Zen 4, 1 and 2 threads
+// (BENCHMARKS.md): AVX2 3 x 2 beat 4 x 2, 6 x 2, 2 x 4 and 3 x 4 by 5-30 %; AVX-512 4 x 2 beat 6 x 2,
+// 3 x 2 and 8 x 2 by up to 15 %. The same instructions on both builds, so the same numbers.
 // (A VPDPBUSD loop for AVX512-VNNI CPUs was tried and dropped: GCC copied its tied accumulators
 // around every instruction and it ran no faster than this one at 6 x 2 on Zen 4; BENCHMARKS.md.)
 #ifndef GK_I8_MR
 #if defined(__AVX512F__)
-#define GK_I8_MR 6
+#define GK_I8_MR 4
 #else
 #define GK_I8_MR 3
 #endif
