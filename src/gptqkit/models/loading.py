@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import types
 from pathlib import Path
@@ -78,6 +79,18 @@ def _read_off_map(folder: Path, names: set[str]) -> dict[str, torch.Tensor]:
                     raise CheckpointError(f"{f} is truncated at {k}; download or copy it again")
                 out[k] = t
     return out
+
+
+def _rows_wanted(backend: str | None, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the loader tries exact int8 rows (kernels/q8rows.py) for the embedding and head."""
+    return backend != "torch" and device.type == "cpu" and dtype is torch.float32 \
+        and os.environ.get("GPTQKIT_EXACT_ROWS", "1") != "0"
+
+
+def _row_keys(model: nn.Module) -> set[str]:
+    """The state-dict keys of the model's input embedding and output head weights."""
+    want = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
+    return {f"{n}.weight" for n, m in model.named_modules(remove_duplicate=False) if any(m is w for w in want)}
 
 
 @contextlib.contextmanager
@@ -183,7 +196,10 @@ def _load_quantized(path, *, backend, device, dtype, trust_remote_code) -> nn.Mo
         state = {k: (t.to(dtype) if k in convert else t.clone()) for k, t in state.items()}
     else:
         gptq = {k for k in state if k.endswith(qparts) or (k.rsplit(".", 1)[0] in qset and k.endswith(".bias"))}
-        state.update(_read_off_map(path, gptq))
+        # the embedding and head too where they may become exact int8 rows (below): their fp32
+        # copies are freed then, and the map never holds their pages
+        state.update(_read_off_map(path, gptq | (_row_keys(model) & state.keys() if _rows_wanted(backend, device, dtype)
+                                                 else set())))
     tensors.clear()
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if hasattr(model, "tie_weights"):
@@ -216,6 +232,10 @@ def _load_quantized(path, *, backend, device, dtype, trust_remote_code) -> nn.Mo
     if backend != "torch":  # the torch reference stays torch end to end
         from ..kernels.cpu import use_fast_head
         use_fast_head(model)  # an fp32 CPU lm_head at decode: a GEMV at the memory's rate (else a no-op)
+    if _rows_wanted(backend, device, dtype):
+        from ..kernels.q8rows import use_exact_rows
+        if use_exact_rows(model):  # an embedding/head of int8 x scale products: held as such, same values
+            release_heap()  # the conversion's scratch
     from .decode import enable as lean_decode
     lean_decode(model)  # one-token steps without transformers' per-call machinery (llama family, CPU)
     return model

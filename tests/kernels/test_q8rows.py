@@ -1,0 +1,124 @@
+"""Exact int8 rows (kernels/q8rows.py): an fp32 embedding/head whose values are int8 x per-32
+scale products is held as those, and everything computed from it is the fp32 weight's result:
+bit for bit for the embedding and the one-token head (gk_sgemv_rows' sums in its order), within
+fp32 rounding for the chunked many-token head; anything else is left as it is."""
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gptqkit.kernels import cpu
+from gptqkit.kernels.q8rows import Q8Embedding, Q8Head, Q8Rows, exact_q8, use_exact_rows
+
+
+def q8_values(n: int, k: int, seed: int = 0) -> torch.Tensor:
+    """What a GGUF Q8_0 file decodes to: int8 codes (a ±127 in each block) times an fp16 scale per 32."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-127, 128, (n, k // 32, 32), generator=g).float()
+    q[..., 0] = 127 * torch.where(torch.rand(n, k // 32, generator=g) < 0.5, -1.0, 1.0)
+    d = (torch.rand(n, k // 32, 1, generator=g) * 0.01 + 1e-4).half().float()
+    return (q * d).reshape(n, k)
+
+
+def test_exact_q8_round_trip_and_refusals():
+    w = q8_values(300, 96)
+    w[5, 32:64] = 0  # an all-zero block: scale 0
+    codes, scales = exact_q8(w)
+    assert codes.dtype == torch.int8 and scales.shape == (300, 3)
+    assert torch.equal((codes.float().view(300, 3, 32) * scales.unsqueeze(-1)).view(300, 96), w)
+    assert torch.equal(Q8Rows(codes, scales).decode(), w)
+    bumped = w.clone()
+    bumped[17, 40] = torch.nextafter(bumped[17, 40], torch.tensor(1.0))  # one ulp: no longer a product
+    assert exact_q8(bumped) is None
+    nan = w.clone()
+    nan[0, 0] = float("nan")
+    assert exact_q8(nan) is None
+    assert exact_q8(w[:, :80]) is None  # rows not whole blocks of 32
+    assert exact_q8(w.double()) is None
+    assert exact_q8(torch.randn(64, 64)) is None  # ordinary fp32 weights
+
+
+@pytest.mark.skipif(cpu.get_lib() is None, reason=f"CPU kernel unavailable: {cpu.lib_error()}")
+def test_head_and_embedding_match_the_fp32_weight():
+    w = q8_values(1001, 96, seed=1)
+    rows = Q8Rows(*exact_q8(w))
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 1, 96, generator=g)
+    fast = torch.nn.Linear(96, 1001, bias=False)
+    fast.weight.data.copy_(w)
+    fast.__class__ = cpu.FastHeadLinear
+    with torch.inference_mode():
+        y = rows.linear(x)
+        assert y.shape == (1, 1, 1001) and torch.equal(y, fast(x))  # one token: the same bits
+        ref = x.double() @ w.double().T
+        assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+        xs = torch.randn(2, 37, 96, generator=g)  # more tokens: chunked matmuls
+        ys = rows.linear(xs)
+        assert ys.shape == (2, 37, 1001)
+        assert torch.allclose(ys, F.linear(xs, w), rtol=1e-5, atol=1e-6)
+        ids = torch.tensor([[0, 1000, 5], [5, 5, 17]])
+        assert torch.equal(rows.take(ids), F.embedding(ids, w))
+
+
+def _tiny(tmp_path, tied: bool, exact: bool):
+    from _arch_helpers import build_tiny, calib_ids, quantize_dir, tiny_llama_config, TINY_VOCAB
+
+    def init(model):
+        if exact:
+            e = model.get_input_embeddings().weight
+            e.copy_(q8_values(*e.shape, seed=3) * 20)
+            if not tied:
+                h = model.get_output_embeddings().weight
+                h.copy_(q8_values(*h.shape, seed=4))
+
+    src = build_tiny("llama", tmp_path / "src", init=init, **{**tiny_llama_config(), "tie_word_embeddings": tied})
+    quantize_dir(src, tmp_path / "q", calib_ids(TINY_VOCAB), method="rtn")
+    return tmp_path / "q"
+
+
+@pytest.mark.skipif(cpu.get_lib() is None, reason=f"CPU kernel unavailable: {cpu.lib_error()}")
+@pytest.mark.parametrize("tied", [True, False])
+def test_load_holds_exact_rows_with_the_same_numbers_and_bytes(tmp_path, monkeypatch, tied):
+    import gptqkit
+    q = _tiny(tmp_path, tied, exact=True)
+    m = gptqkit.load(q)
+    emb, head = m.get_input_embeddings(), m.get_output_embeddings()
+    assert type(emb) is Q8Embedding and type(head) is Q8Head
+    assert (emb.rows is head.rows) == tied
+    assert emb._parameters["weight"] is None and not any(p.dtype is torch.float32 and p.dim() == 2 and p.shape[0] > 1000
+                                                         for p in m.parameters())
+    monkeypatch.setenv("GPTQKIT_EXACT_ROWS", "0")
+    plain = gptqkit.load(q)
+    assert type(plain.get_output_embeddings()) is cpu.FastHeadLinear
+    monkeypatch.delenv("GPTQKIT_EXACT_ROWS")
+    prompt = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.inference_mode():
+        assert torch.equal(m(prompt).logits, plain(prompt).logits)
+        assert torch.equal(m.generate(prompt, max_new_tokens=8, do_sample=False),
+                           plain.generate(prompt, max_new_tokens=8, do_sample=False))
+    # reading `weight` gives the fp32 tensor; state_dict and the saved checkpoint are unchanged
+    assert torch.equal(emb.weight, plain.get_input_embeddings().weight)
+    sd = m.state_dict()
+    assert torch.equal(sd["model.embed_tokens.weight"], plain.state_dict()["model.embed_tokens.weight"])
+    m.save(tmp_path / "again")
+    for f in sorted(p.name for p in q.glob("*.safetensors")):
+        assert hashlib.sha256((q / f).read_bytes()).digest() == \
+            hashlib.sha256((tmp_path / "again" / f).read_bytes()).digest(), f
+    # a move or a new weight makes the modules plain again, with the same values
+    m.to(torch.float64)
+    assert type(m.get_input_embeddings()) is torch.nn.Embedding and m.get_input_embeddings().weight.dtype is torch.float64
+    assert torch.equal(m.get_input_embeddings().weight.float(), plain.get_input_embeddings().weight)
+    head2 = gptqkit.load(q).get_output_embeddings()
+    head2.weight = torch.nn.Parameter(torch.zeros_like(head2.weight))
+    assert type(head2) is cpu.FastHeadLinear and not hasattr(head2, "rows")
+    assert torch.equal(head2(torch.ones(1, 64)), torch.zeros(1, head2.out_features))
+
+
+def test_other_weights_are_left_alone(tmp_path):
+    import gptqkit
+    m = gptqkit.load(_tiny(tmp_path, tied=False, exact=False))
+    assert type(m.get_input_embeddings()) is torch.nn.Embedding
+    assert use_exact_rows(m) == 0
