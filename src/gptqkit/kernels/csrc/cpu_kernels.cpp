@@ -60,22 +60,6 @@ static inline v16i load_u8(const uint8_t* p) {
 #endif
 }
 
-// 16 signed bytes -> 16 floats
-static inline v16f load_s8f(const int8_t* p) {
-#if defined(__AVX512F__)
-    __m512 t = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
-    v16f r; memcpy(&r, &t, 64); return r;
-#elif defined(__AVX2__)
-    __m128i b = _mm_loadu_si128((const __m128i*)p);
-    __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
-    v16f r; memcpy(&r, &lo, 32); memcpy((char*)&r + 32, &hi, 32); return r;
-#else
-    v16f r;
-    for (int i = 0; i < 16; ++i) r[i] = (float)p[i];
-    return r;
-#endif
-}
-
 template <int BITS>
 static inline void decode(const uint8_t* __restrict p, v16f w[4]) {
     if constexpr (BITS == 8) {
@@ -1425,14 +1409,35 @@ extern "C" int gk_q8_gemv_rows(const int8_t* Q, const float* D, const float* x, 
     for (int n = 0; n < N; ++n) {
         const int8_t* q = Q + (size_t)n * K;
         const float* d = D + (size_t)n * (K / 32);
-        // the 16 sums as one vector (the compiler leaves the scalar form unvectorized here)
-        v16f acc = {};
-        for (int k = 0; k < K; k += 16) {
-            const v16f w = load_s8f(q + k) * d[k >> 5];
-            acc += w * loadf(x + k);
-        }
+        // the 16 sums in vector registers, written out (GCC leaves the scalar form unvectorized,
+        // and splits a 64-byte generic vector through the stack on AVX2)
         float a[16];
-        memcpy(a, &acc, sizeof a);
+#if defined(__AVX512F__)
+        __m512 acc = _mm512_setzero_ps();
+        for (int k = 0; k < K; k += 16) {
+            const __m512 w = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(q + k)))),
+                                           _mm512_set1_ps(d[k >> 5]));
+            acc = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + k), acc);
+        }
+        _mm512_storeu_ps(a, acc);
+#elif defined(__AVX2__) && defined(__FMA__)
+        __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+        for (int k = 0; k < K; k += 16) {
+            const __m128i b = _mm_loadu_si128((const __m128i*)(q + k));
+            const __m256 dk = _mm256_set1_ps(d[k >> 5]);
+            lo = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), dk), _mm256_loadu_ps(x + k), lo);
+            hi = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8))), dk),
+                                 _mm256_loadu_ps(x + k + 8), hi);
+        }
+        _mm256_storeu_ps(a, lo);
+        _mm256_storeu_ps(a + 8, hi);
+#else
+        for (int j = 0; j < 16; ++j) a[j] = 0.f;
+        for (int k = 0; k < K; k += 16) {
+            const float dk = d[k >> 5];
+            for (int j = 0; j < 16; ++j) a[j] += ((float)q[k + j] * dk) * x[k + j];
+        }
+#endif
         for (int h = 8; h >= 1; h >>= 1)
             for (int j = 0; j < h; ++j) a[j] += a[j + h];
         y[n] = a[0];
