@@ -37,7 +37,8 @@ Per subprocess, batch 1, random token ids (seeded, identical for every variant):
   order, same number of calls per token as the model makes; "rest" = decode step - both
   (attention, norms, rotary, embeddings, KV cache, Python).
 * memory: VmRSS after load, VmHWM (peak RSS) at the end, bytes of parameters+buffers (the
-  state dict), and for gptqkit backends the extra bytes of derived tensors (repacked layouts).
+  state dict), and for gptqkit backends the extra bytes of derived tensors (repacked layouts,
+  exact int8 rows).
 """
 from __future__ import annotations
 
@@ -121,6 +122,12 @@ def worker(a) -> dict:
                 if isinstance(v, torch.Tensor) and id(v) not in seen:
                     seen.add(id(v))
                     derived += v.numel() * v.element_size()
+    # exact int8 rows (kernels/q8rows.py) hold an embedding/head outside the parameters
+    for m in model.modules():
+        rows = getattr(m, "rows", None)
+        if rows is not None and hasattr(rows, "codes") and id(rows) not in seen:
+            seen.add(id(rows))
+            derived += rows.codes.numel() + rows.scales.numel() * rows.scales.element_size()
     # tied embeddings appear twice in the state dict; count storage once
     uniq = {}
     for t in list(model.parameters()) + list(model.buffers()):

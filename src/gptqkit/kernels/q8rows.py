@@ -14,7 +14,7 @@ significant bits). Where a row block is not such a product the tensor stays as i
   bits as FastHeadLinear on the fp32 weight, reading a quarter of the bytes.
 * The head at more tokens decodes 4096 rows at a time and calls torch's matmul on each: the same
   products and sums as the whole matrix, up to how the BLAS blocks the output columns (fp32
-  rounding at most; equal on the machines tested).
+  rounding at most; SmolLM2's 512-token logits came out equal on the AVX-512 VM of BENCHMARKS.md).
 * `weight` still reads as the fp32 tensor (decoded on demand, one tensor shared by a tied
   embedding and head while in use), so state_dict(), save_pretrained and the saved checkpoint
   are unchanged; assigning a new weight turns the module back into a plain one.
@@ -60,10 +60,6 @@ class Q8Rows:
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor):
         self.codes, self.scales = codes, scales
         self._dense: weakref.ref | None = None
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.codes.shape
 
     def decode(self, n0: int = 0, n1: int | None = None) -> torch.Tensor:
         """Rows n0..n1 as the fp32 weight (exact)."""
