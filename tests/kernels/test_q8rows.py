@@ -122,3 +122,26 @@ def test_other_weights_are_left_alone(tmp_path):
     m = gptqkit.load(_tiny(tmp_path, tied=False, exact=False))
     assert type(m.get_input_embeddings()) is torch.nn.Embedding
     assert use_exact_rows(m) == 0
+
+
+def test_real_model_embedding_is_held_exactly(tmp_path, monkeypatch):
+    """The built-in SmolLM2-135M (converted from GGUF Q8_0) is the case this is for: its tied
+    embedding loads as exact int8 rows (32 MB instead of 113), with the same logits."""
+    pytest.importorskip("gguf")
+    import gptqkit
+    from gptqkit.models.default import default_model_dir
+    out = tmp_path / "q"
+    gptqkit.quantize(default_model_dir(), "shakespeare", out,
+                     gptqkit.QuantizeConfig(method="rtn", bits=4, group_size=128, mse=False),
+                     nsamples=2, seqlen=64, progress=False)
+    m = gptqkit.load(out)
+    emb = m.get_input_embeddings()
+    assert type(emb) is Q8Embedding and emb.rows is m.get_output_embeddings().rows
+    assert emb.rows.codes.shape == (49152, 576)
+    monkeypatch.setenv("GPTQKIT_EXACT_ROWS", "0")
+    plain = gptqkit.load(out)
+    ids = torch.randint(100, 40000, (1, 48), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert torch.equal(m(ids).logits, plain(ids).logits)
+        step = m(ids[:, :1]).logits  # one token: the row GEMV on codes
+        assert torch.equal(step, plain(ids[:, :1]).logits)
