@@ -122,7 +122,7 @@ def worker(a) -> dict:
                 if isinstance(v, torch.Tensor) and id(v) not in seen:
                     seen.add(id(v))
                     derived += v.numel() * v.element_size()
-    # exact int8 rows (kernels/q8rows.py) hold an embedding/head outside the parameters
+    # exact int8 rows (kernels/exact_rows.py) hold an embedding/head outside the parameters
     for m in model.modules():
         rows = getattr(m, "rows", None)
         if rows is not None and hasattr(rows, "codes") and id(rows) not in seen:

@@ -4,7 +4,7 @@ alternating, on the same 4-bit checkpoint. Prints JSON.
     python benchmarks/fast_head_ab.py /tmp/i13-smol-4bit --rounds 3 --new 32
 
 Variants: `q8rows_ms` (the default where the head's values allow it: exact int8 rows,
-gk_q8_gemv_rows, kernels/q8rows.py), `gemv_ms` (the fp32 head on the row GEMV, FastHeadLinear:
+gk_q8_gemv_rows, kernels/exact_rows.py), `gemv_ms` (the fp32 head on the row GEMV, FastHeadLinear:
 the default before, loaded with GPTQKIT_EXACT_ROWS=0) and `nn_linear_ms` (torch's nn.Linear on
 that same fp32 weight, the class swapped). Per round and variant: a 64-token prefill, then --new
 greedy decode steps with the KV cache; ms per decode step."""
@@ -37,7 +37,7 @@ def main() -> None:
     head = m.get_output_embeddings()
     if type(head) is not FastHeadLinear:
         raise SystemExit(f"the head is {type(head).__name__}, not an fp32 FastHeadLinear: nothing to compare")
-    has_rows = type(mq.get_output_embeddings()).__name__ == "Q8Head"
+    has_rows = type(mq.get_output_embeddings()).__name__ == "ExactHead"
     prompt = torch.randint(100, m.config.vocab_size - 100, (1, 64), generator=torch.Generator().manual_seed(0))
 
     def step_ms(cls, model=m) -> float:

@@ -146,7 +146,7 @@ def _build() -> ctypes.CDLL:
         lib = ctypes.CDLL(str(out))
     except OSError as e:
         raise RuntimeError(f"cannot load {out}: {e}") from e
-    if lib.gk_abi_version() != 8:
+    if lib.gk_abi_version() != 9:
         raise RuntimeError(f"{out}: ABI version mismatch")
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.gk_gemv.argtypes = [p, p, p, p, i, i, i, i, p, i, p, i, i]
@@ -174,6 +174,8 @@ def _build() -> ctypes.CDLL:
     lib.gk_sgemv_rows.restype = i
     lib.gk_q8_gemv_rows.argtypes = [p, p, p, p, i, i, i]
     lib.gk_q8_gemv_rows.restype = i
+    lib.gk_bf16_gemv_rows.argtypes = [p, p, p, i, i, i]
+    lib.gk_bf16_gemv_rows.restype = i
     L = ctypes.c_long
     # GPTQ's column loop, one block of columns (see `gptq_columns`)
     lib.gk_gptq_columns.argtypes = [p, L, i, i, i, i, p, L, p, p, L, p, ctypes.c_float, p, L, p, L, p, L, p, L,

@@ -82,7 +82,7 @@ def _read_off_map(folder: Path, names: set[str]) -> dict[str, torch.Tensor]:
 
 
 def _rows_wanted(backend: str | None, device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the loader tries exact int8 rows (kernels/q8rows.py) for the embedding and head."""
+    """Whether the loader tries exact rows (kernels/exact_rows.py) for the embedding and head."""
     return backend != "torch" and device.type == "cpu" and dtype is torch.float32 \
         and os.environ.get("GPTQKIT_EXACT_ROWS", "1") != "0"
 
@@ -233,7 +233,7 @@ def _load_quantized(path, *, backend, device, dtype, trust_remote_code) -> nn.Mo
         from ..kernels.cpu import use_fast_head
         use_fast_head(model)  # an fp32 CPU lm_head at decode: a GEMV at the memory's rate (else a no-op)
     if _rows_wanted(backend, device, dtype):
-        from ..kernels.q8rows import use_exact_rows
+        from ..kernels.exact_rows import use_exact_rows
         if use_exact_rows(model):  # an embedding/head of int8 x scale products: held as such, same values
             release_heap()  # the conversion's scratch
     from .decode import enable as lean_decode

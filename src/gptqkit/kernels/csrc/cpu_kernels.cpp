@@ -897,7 +897,7 @@ static int gemm_i8_impl(const uint8_t* W, const float* S, const float* SZ, const
 #endif
 
 extern "C" {
-int gk_abi_version(void) { return 8; }  // 4: gk_clip_search, 5: gk_sgemv_rows (end of file), 6: gk_gptq_columns, 7: gk_gemm_i8, 8: gk_q8_gemv_rows
+int gk_abi_version(void) { return 9; }  // 4: gk_clip_search, 5: gk_sgemv_rows (end of file), 6: gk_gptq_columns, 7: gk_gemm_i8, 8: gk_q8_gemv_rows, 9: gk_bf16_gemv_rows
 int gk_has_i8(void) { return GK_HAS_I8; }
 int gk_has_dp(void) { return GK_HAS_DP; }
 
@@ -1396,7 +1396,7 @@ extern "C" int gk_sgemv_rows(const float* W, const float* x, float* y, int N, in
     return 0;
 }
 
-// gk_sgemv_rows on a weight held as exact int8 rows (kernels/q8rows.py): W[n, k] = Q[n, k] ·
+// gk_sgemv_rows on a weight held as exact int8 rows (kernels/exact_rows.py): W[n, k] = Q[n, k] ·
 // D[n, k / 32] with every product exact in fp32 (8-bit by 24-bit significands), so each w below
 // is the fp32 weight itself and the sums are gk_sgemv_rows' own, in its order: the same bits,
 // from a quarter of the bytes (the decode head streams 30 MB instead of 113 on SmolLM2).
@@ -1438,6 +1438,56 @@ extern "C" int gk_q8_gemv_rows(const int8_t* Q, const float* D, const float* x, 
             for (int j = 0; j < 16; ++j) a[j] += ((float)q[k + j] * dk) * x[k + j];
         }
 #endif
+        for (int h = 8; h >= 1; h >>= 1)
+            for (int j = 0; j < h; ++j) a[j] += a[j + h];
+        y[n] = a[0];
+    }
+    return 0;
+}
+
+// gk_sgemv_rows on a weight held as bf16 whose values are the fp32 weight exactly (kernels/
+// exact_rows.py): bf16 -> fp32 is a 16-bit shift, so each w below is the fp32 weight and the sums
+// are gk_sgemv_rows' own, in its order (its tail included): the same bits from half the bytes.
+static inline float bf16_f32(uint16_t h) {
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+extern "C" int gk_bf16_gemv_rows(const uint16_t* W, const float* x, float* y, int N, int K, int nthreads) {
+    if (N < 0 || K < 0) return -1;
+#if defined(_OPENMP)
+    #pragma omp parallel for num_threads(nthreads > 0 ? nthreads : 1) schedule(static)
+#endif
+    for (int n = 0; n < N; ++n) {
+        const uint16_t* w = W + (size_t)n * K;
+        float a[16];
+        int k = 0;
+#if defined(__AVX512F__)
+        __m512 acc = _mm512_setzero_ps();
+        for (; k + 16 <= K; k += 16)
+            acc = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(
+                                      _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(w + k))), 16)),
+                                  _mm512_loadu_ps(x + k), acc);
+        _mm512_storeu_ps(a, acc);
+#elif defined(__AVX2__) && defined(__FMA__)
+        __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+        for (; k + 16 <= K; k += 16) {
+            const __m256i b = _mm256_loadu_si256((const __m256i*)(w + k));
+            lo = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(b)), 16)),
+                                 _mm256_loadu_ps(x + k), lo);
+            hi = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(b, 1)), 16)),
+                                 _mm256_loadu_ps(x + k + 8), hi);
+        }
+        _mm256_storeu_ps(a, lo);
+        _mm256_storeu_ps(a + 8, hi);
+#else
+        for (int j = 0; j < 16; ++j) a[j] = 0.f;
+        for (; k + 16 <= K; k += 16)
+            for (int j = 0; j < 16; ++j) a[j] += bf16_f32(w[k + j]) * x[k + j];
+#endif
+        for (int j = 0; k + j < K; ++j) a[j] += bf16_f32(w[k + j]) * x[k + j];
         for (int h = 8; h >= 1; h >>= 1)
             for (int j = 0; j < h; ++j) a[j] += a[j + h];
         y[n] = a[0];

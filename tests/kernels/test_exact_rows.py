@@ -1,7 +1,7 @@
-"""Exact int8 rows (kernels/q8rows.py): an fp32 embedding/head whose values are int8 x per-32
-scale products is held as those, and everything computed from it is the fp32 weight's result:
-bit for bit for the embedding and the one-token head (gk_sgemv_rows' sums in its order), within
-fp32 rounding for the chunked many-token head; anything else is left as it is."""
+"""Exact rows (kernels/exact_rows.py): an fp32 embedding/head whose values are int8 x per-32
+scale products, or bf16 numbers, is held as those, and everything computed from it is the fp32
+weight's result: bit for bit for the embedding and the one-token head (gk_sgemv_rows' sums in
+its order), within fp32 rounding for the chunked many-token head; anything else is left as it is."""
 from __future__ import annotations
 
 import hashlib
@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from gptqkit.kernels import cpu
-from gptqkit.kernels.q8rows import Q8Embedding, Q8Head, Q8Rows, exact_q8, use_exact_rows
+from gptqkit.kernels.exact_rows import (Bf16Rows, ExactEmbedding, ExactHead, Q8Rows, exact_bf16, exact_q8,
+                                        exact_rows, use_exact_rows)
 
 
 def q8_values(n: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -41,13 +42,25 @@ def test_exact_q8_round_trip_and_refusals():
     assert exact_q8(torch.randn(64, 64)) is None  # ordinary fp32 weights
 
 
+def test_exact_bf16_and_the_choice_of_form():
+    w = torch.randn(70, 50, generator=torch.Generator().manual_seed(0)).bfloat16().float()
+    assert torch.equal(exact_bf16(w).float(), w)
+    assert type(exact_rows(w)) is Bf16Rows  # K = 50: not whole blocks of 32, and not int8 products
+    w[3, 7] = torch.nextafter(w[3, 7], torch.tensor(9.0))
+    assert exact_bf16(w) is None and exact_rows(w) is None
+    assert type(exact_rows(q8_values(40, 64))) is Q8Rows  # int8 products (18 significant bits: not bf16)
+
+
 @pytest.mark.skipif(cpu.get_lib() is None, reason=f"CPU kernel unavailable: {cpu.lib_error()}")
-def test_head_and_embedding_match_the_fp32_weight():
-    w = q8_values(1001, 96, seed=1)
-    rows = Q8Rows(*exact_q8(w))
+@pytest.mark.parametrize("form,K", [("q8", 96), ("bf16", 96), ("bf16", 77)])  # 77: gk_sgemv_rows' tail
+def test_head_and_embedding_match_the_fp32_weight(form, K):
+    w = q8_values(1001, K, seed=1) if form == "q8" else \
+        torch.randn(1001, K, generator=torch.Generator().manual_seed(1)).bfloat16().float()
+    rows = exact_rows(w)
+    assert rows.kind == {"q8": "int8", "bf16": "bf16"}[form]
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(1, 1, 96, generator=g)
-    fast = torch.nn.Linear(96, 1001, bias=False)
+    x = torch.randn(1, 1, K, generator=g)
+    fast = torch.nn.Linear(K, 1001, bias=False)
     fast.weight.data.copy_(w)
     fast.__class__ = cpu.FastHeadLinear
     with torch.inference_mode():
@@ -55,7 +68,7 @@ def test_head_and_embedding_match_the_fp32_weight():
         assert y.shape == (1, 1, 1001) and torch.equal(y, fast(x))  # one token: the same bits
         ref = x.double() @ w.double().T
         assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
-        xs = torch.randn(2, 37, 96, generator=g)  # more tokens: chunked matmuls
+        xs = torch.randn(2, 37, K, generator=g)  # more tokens: chunked matmuls
         ys = rows.linear(xs)
         assert ys.shape == (2, 37, 1001)
         assert torch.allclose(ys, F.linear(xs, w), rtol=1e-5, atol=1e-6)
@@ -63,16 +76,17 @@ def test_head_and_embedding_match_the_fp32_weight():
         assert torch.equal(rows.take(ids), F.embedding(ids, w))
 
 
-def _tiny(tmp_path, tied: bool, exact: bool):
+def _tiny(tmp_path, tied: bool, form: str | None):
     from _arch_helpers import build_tiny, calib_ids, quantize_dir, tiny_llama_config, TINY_VOCAB
 
     def init(model):
-        if exact:
-            e = model.get_input_embeddings().weight
-            e.copy_(q8_values(*e.shape, seed=3) * 20)
-            if not tied:
-                h = model.get_output_embeddings().weight
-                h.copy_(q8_values(*h.shape, seed=4))
+        mods = [model.get_input_embeddings()] + ([] if tied else [model.get_output_embeddings()])
+        for i, m in enumerate(mods):
+            w = m.weight
+            if form == "q8":
+                w.copy_(q8_values(*w.shape, seed=3 + i) * 20)
+            elif form == "bf16":
+                w.copy_(w.bfloat16().float())
 
     src = build_tiny("llama", tmp_path / "src", init=init, **{**tiny_llama_config(), "tie_word_embeddings": tied})
     quantize_dir(src, tmp_path / "q", calib_ids(TINY_VOCAB), method="rtn")
@@ -80,14 +94,14 @@ def _tiny(tmp_path, tied: bool, exact: bool):
 
 
 @pytest.mark.skipif(cpu.get_lib() is None, reason=f"CPU kernel unavailable: {cpu.lib_error()}")
-@pytest.mark.parametrize("tied", [True, False])
-def test_load_holds_exact_rows_with_the_same_numbers_and_bytes(tmp_path, monkeypatch, tied):
+@pytest.mark.parametrize("tied,form", [(True, "q8"), (False, "q8"), (True, "bf16")])
+def test_load_holds_exact_rows_with_the_same_numbers_and_bytes(tmp_path, monkeypatch, tied, form):
     import gptqkit
-    q = _tiny(tmp_path, tied, exact=True)
+    q = _tiny(tmp_path, tied, form)
     m = gptqkit.load(q)
     emb, head = m.get_input_embeddings(), m.get_output_embeddings()
-    assert type(emb) is Q8Embedding and type(head) is Q8Head
-    assert (emb.rows is head.rows) == tied
+    assert type(emb) is ExactEmbedding and type(head) is ExactHead
+    assert (emb.rows is head.rows) == tied and emb.rows.kind == {"q8": "int8", "bf16": "bf16"}[form]
     assert emb._parameters["weight"] is None and not any(p.dtype is torch.float32 and p.dim() == 2 and p.shape[0] > 1000
                                                          for p in m.parameters())
     monkeypatch.setenv("GPTQKIT_EXACT_ROWS", "0")
@@ -107,10 +121,14 @@ def test_load_holds_exact_rows_with_the_same_numbers_and_bytes(tmp_path, monkeyp
     for f in sorted(p.name for p in q.glob("*.safetensors")):
         assert hashlib.sha256((q / f).read_bytes()).digest() == \
             hashlib.sha256((tmp_path / "again" / f).read_bytes()).digest(), f
-    # a move or a new weight makes the modules plain again, with the same values
+    # a no-op move keeps the rows; a real move or a new weight makes the modules plain again,
+    # with the same values
+    m.to("cpu").float()
+    assert type(m.get_input_embeddings()) is ExactEmbedding and type(m.get_output_embeddings()) is ExactHead
     m.to(torch.float64)
     assert type(m.get_input_embeddings()) is torch.nn.Embedding and m.get_input_embeddings().weight.dtype is torch.float64
     assert torch.equal(m.get_input_embeddings().weight.float(), plain.get_input_embeddings().weight)
+    assert (m.get_input_embeddings().weight is m.get_output_embeddings().weight) == tied
     head2 = gptqkit.load(q).get_output_embeddings()
     head2.weight = torch.nn.Parameter(torch.zeros_like(head2.weight))
     assert type(head2) is cpu.FastHeadLinear and not hasattr(head2, "rows")
@@ -119,7 +137,7 @@ def test_load_holds_exact_rows_with_the_same_numbers_and_bytes(tmp_path, monkeyp
 
 def test_other_weights_are_left_alone(tmp_path):
     import gptqkit
-    m = gptqkit.load(_tiny(tmp_path, tied=False, exact=False))
+    m = gptqkit.load(_tiny(tmp_path, tied=False, form=None))
     assert type(m.get_input_embeddings()) is torch.nn.Embedding
     assert use_exact_rows(m) == 0
 
@@ -136,7 +154,7 @@ def test_real_model_embedding_is_held_exactly(tmp_path, monkeypatch):
                      nsamples=2, seqlen=64, progress=False)
     m = gptqkit.load(out)
     emb = m.get_input_embeddings()
-    assert type(emb) is Q8Embedding and emb.rows is m.get_output_embeddings().rows
+    assert type(emb) is ExactEmbedding and emb.rows is m.get_output_embeddings().rows
     assert emb.rows.codes.shape == (49152, 576)
     monkeypatch.setenv("GPTQKIT_EXACT_ROWS", "0")
     plain = gptqkit.load(out)

@@ -1,23 +1,28 @@
-"""Exact int8 rows: an fp32 embedding or output head whose every value is an int8 times a scale
-shared by 32 neighbours in its row, held as those int8 codes and scales (1.125 bytes a value
-instead of 4) and computed from them with the same fp32 results.
+"""Exact rows: an fp32 embedding or output head held in a smaller form that represents every
+value exactly, and computed from it with the same fp32 results. Two forms:
 
-Weights converted from GGUF Q8_0 files are such products (llama.cpp stores q · d with q an int8
-and d an fp16 per block of 32), the built-in SmolLM2-135M among them: its 49152 x 576 tied
-embedding is 113 MB in fp32 and 32 MB as rows of codes. Nothing is rounded: a block is held this
-way only when d = max|w| / 127 and q = w / d give back every w exactly (`exact_q8`), so the
-decoded rows are the fp32 weight bit for bit, and each product q · d is exact in fp32 (8 by 24
-significant bits). Where a row block is not such a product the tensor stays as it is.
+* int8 rows ("q8"): every value an int8 times a scale shared by 32 neighbours in its row, 1.125
+  bytes a value. Weights converted from GGUF Q8_0 files are such products (llama.cpp stores
+  q · d, q an int8 and d an fp16 per block of 32), the built-in SmolLM2-135M among them: its
+  49152 x 576 tied embedding is 113 MB in fp32 and 32 MB as int8 rows. A block is taken only
+  when d = max|w| / 127 and q = w / d give back every w exactly (`exact_q8`); each product q · d
+  is then the fp32 value (8 by 24 significant bits).
+* bf16 rows: every value an fp32 whose low 16 bits are zero, 2 bytes a value. Models released
+  in bf16 (most current ones) and quantized by gptqkit in fp32 (its default) keep such an
+  embedding and head; bf16 -> fp32 is exact.
 
-* The embedding gathers codes and scales and decodes the rows: the same fp32 values.
-* The head at one token runs gk_q8_gemv_rows, gk_sgemv_rows' loop on decoded values: the same
-  bits as FastHeadLinear on the fp32 weight, reading a quarter of the bytes.
+Nothing is rounded; where a tensor is neither, it stays as it is.
+
+* The embedding gathers rows and decodes them: the same fp32 values.
+* The head at one token runs gk_q8_gemv_rows / gk_bf16_gemv_rows, gk_sgemv_rows' loop on
+  decoded values: the same bits as FastHeadLinear on the fp32 weight, from fewer bytes.
 * The head at more tokens decodes 4096 rows at a time and calls torch's matmul on each: the same
   products and sums as the whole matrix, up to how the BLAS blocks the output columns (fp32
   rounding at most; SmolLM2's 512-token logits came out equal on the AVX-512 VM of BENCHMARKS.md).
 * `weight` still reads as the fp32 tensor (decoded on demand, one tensor shared by a tied
   embedding and head while in use), so state_dict(), save_pretrained and the saved checkpoint
-  are unchanged; assigning a new weight turns the module back into a plain one.
+  are unchanged; assigning a new weight, or a move / dtype change, turns the module back into a
+  plain one.
 
 gptqkit.load uses it for fp32 CPU models (GPTQKIT_EXACT_ROWS=0 turns that off)."""
 from __future__ import annotations
@@ -54,23 +59,27 @@ def exact_q8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     return codes, scales
 
 
-class Q8Rows:
-    """int8 codes [N, K] and fp32 scales [N, K/32] whose products are an fp32 weight exactly."""
+class ExactRows:
+    """An fp32 weight [N, K] held exactly in a smaller form; subclasses decode it."""
+    kind = ""
 
-    def __init__(self, codes: torch.Tensor, scales: torch.Tensor):
-        self.codes, self.scales = codes, scales
+    def __init__(self):
         self._dense: weakref.ref | None = None
+        self.param: torch.nn.Parameter | None = None  # set when a module turns plain (_ExactWeight._apply)
 
     def decode(self, n0: int = 0, n1: int | None = None) -> torch.Tensor:
         """Rows n0..n1 as the fp32 weight (exact)."""
-        q, d = self.codes[n0:n1], self.scales[n0:n1]
-        return (q.float().view(q.shape[0], -1, BLOCK) * d.unsqueeze(-1)).view(q.shape)
+        raise NotImplementedError
 
     def take(self, ids: torch.Tensor) -> torch.Tensor:
         """The fp32 rows at `ids` (any shape): [*ids.shape, K]."""
-        flat = ids.reshape(-1)
-        q, d = self.codes[flat], self.scales[flat]
-        return (q.float().view(flat.numel(), -1, BLOCK) * d.unsqueeze(-1)).view(*ids.shape, self.codes.shape[1])
+        raise NotImplementedError
+
+    def _gemv(self, lib, x: torch.Tensor, y: torch.Tensor, nt: int) -> int:
+        raise NotImplementedError
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in vars(self).values() if isinstance(t, torch.Tensor))
 
     def dense(self) -> torch.Tensor:
         """The whole fp32 weight; while one is alive every caller gets that same tensor (a tied
@@ -83,16 +92,14 @@ class Q8Rows:
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W.T in fp32 for x [..., K]: the row GEMV at one token, chunked matmuls otherwise."""
-        N, K = self.codes.shape
+        N, K = self.shape
         if x.numel() == K and not torch.compiler.is_compiling():
             from .cpu import get_lib
             lib = get_lib()
             if lib is not None:
                 xc = x.reshape(-1).contiguous()
                 y = torch.empty(N, dtype=torch.float32)
-                nt = max(1, min(torch.get_num_threads(), (N * K) >> 18))
-                if lib.gk_q8_gemv_rows(self.codes.data_ptr(), self.scales.data_ptr(), xc.data_ptr(),
-                                       y.data_ptr(), N, K, nt) == 0:
+                if self._gemv(lib, xc, y, max(1, min(torch.get_num_threads(), (N * K) >> 18))) == 0:
                     return y.reshape(*x.shape[:-1], N)
         y = torch.empty(*x.shape[:-1], N, dtype=torch.float32)
         for n0 in range(0, N, _CHUNK):
@@ -100,8 +107,70 @@ class Q8Rows:
         return y
 
 
-class _Q8Weight:
-    """What makes a module's `weight` a view of its Q8Rows: the parameter slot stays (None while
+class Q8Rows(ExactRows):
+    """int8 codes [N, K] and fp32 scales [N, K/32] whose products are an fp32 weight exactly."""
+    kind = "int8"
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor):
+        super().__init__()
+        self.codes, self.scales = codes, scales
+        self.shape = codes.shape
+
+    def decode(self, n0: int = 0, n1: int | None = None) -> torch.Tensor:
+        q, d = self.codes[n0:n1], self.scales[n0:n1]
+        return (q.float().view(q.shape[0], -1, BLOCK) * d.unsqueeze(-1)).view(q.shape)
+
+    def take(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        q, d = self.codes[flat], self.scales[flat]
+        return (q.float().view(flat.numel(), -1, BLOCK) * d.unsqueeze(-1)).view(*ids.shape, self.shape[1])
+
+    def _gemv(self, lib, x, y, nt):
+        return lib.gk_q8_gemv_rows(self.codes.data_ptr(), self.scales.data_ptr(), x.data_ptr(), y.data_ptr(),
+                                   *self.shape, nt)
+
+
+class Bf16Rows(ExactRows):
+    """A bf16 tensor [N, K] that is an fp32 weight exactly (its values had 8 significant bits)."""
+    kind = "bf16"
+
+    def __init__(self, w: torch.Tensor):
+        super().__init__()
+        self.w = w
+        self.shape = w.shape
+
+    def decode(self, n0: int = 0, n1: int | None = None) -> torch.Tensor:
+        return self.w[n0:n1].float()
+
+    def take(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.w[ids].float()
+
+    def _gemv(self, lib, x, y, nt):
+        return lib.gk_bf16_gemv_rows(self.w.data_ptr(), x.data_ptr(), y.data_ptr(), *self.shape, nt)
+
+
+def exact_bf16(w: torch.Tensor) -> torch.Tensor | None:
+    """w as bf16 when that is exact (every fp32 value's low 16 bits zero), else None."""
+    if w.dtype is not torch.float32 or w.dim() != 2 or w.device.type != "cpu" or not w.is_contiguous():
+        return None
+    bits = w.view(torch.int32)
+    for n0 in range(0, w.shape[0], _CHUNK):
+        if bool((bits[n0:n0 + _CHUNK] & 0xFFFF).any()):
+            return None
+    return w.to(torch.bfloat16)  # exact: nothing below bf16's 8 significant bits
+
+
+def exact_rows(w: torch.Tensor) -> ExactRows | None:
+    """The smallest exact form of an fp32 weight (int8 rows, then bf16), or None."""
+    found = exact_q8(w)
+    if found is not None:
+        return Q8Rows(*found)
+    b = exact_bf16(w)
+    return Bf16Rows(b) if b is not None else None
+
+
+class _ExactWeight:
+    """What makes a module's `weight` a view of its ExactRows: the parameter slot stays (None while
     the rows hold the values, so the state_dict key order is unchanged), reads decode, and an
     assignment makes the module plain again. Instance attributes: `rows`, `_plain` (the class
     it had)."""
@@ -128,17 +197,24 @@ class _Q8Weight:
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _apply(self, fn, recurse=True):
-        # a move or dtype change (model.to(...), .half()) works on tensors: become plain first
-        self.weight = torch.nn.Parameter(self.rows.dense(), requires_grad=False)
+        # what keeps an fp32 CPU tensor as it is (model.to("cpu"), .float()) keeps the rows; a move
+        # or a dtype change (.to("cuda"), .half()) works on tensors: become plain first
+        probe = fn(torch.zeros(1))
+        if probe.dtype is torch.float32 and probe.device.type == "cpu":
+            return super()._apply(fn, recurse)
+        rows = self.rows
+        if getattr(rows, "param", None) is None:  # one Parameter for a tied pair: the tie survives
+            rows.param = torch.nn.Parameter(rows.dense())
+        self.weight = rows.param
         return self._apply(fn, recurse)
 
 
-class Q8Embedding(_Q8Weight, torch.nn.Embedding):
+class ExactEmbedding(_ExactWeight, torch.nn.Embedding):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.rows.take(ids)
 
 
-class Q8Head(_Q8Weight, torch.nn.Linear):
+class ExactHead(_ExactWeight, torch.nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
             y = F.linear(x, self.rows.dense())
@@ -148,17 +224,18 @@ class Q8Head(_Q8Weight, torch.nn.Linear):
 
 
 def use_exact_rows(model: torch.nn.Module) -> int:
-    """Hold `model`'s fp32 CPU input embedding and output head (tied or not) as exact int8 rows
-    where their values allow it (module doc). Returns the bytes saved; 0 if nothing changed."""
+    """Hold `model`'s fp32 CPU input embedding and output head (tied or not) as exact rows where
+    their values allow it (module doc). Returns the bytes saved; 0 if nothing changed."""
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if emb is not None and (type(emb) is not torch.nn.Embedding or emb.max_norm is not None):
         emb = None
     if head is not None and not (type(head) is torch.nn.Linear or type(head).__name__ == "FastHeadLinear"):
         head = None
-    done: dict[int, Q8Rows] = {}
+    done: dict[int, ExactRows] = {}
     saved = 0
-    for mod, cls in ((emb, Q8Embedding), (head, Q8Head)):
+    kinds = set()
+    for mod, cls in ((emb, ExactEmbedding), (head, ExactHead)):
         if mod is None:
             continue
         w = mod._parameters.get("weight")
@@ -166,16 +243,18 @@ def use_exact_rows(model: torch.nn.Module) -> int:
             continue
         rows = done.get(id(w))
         if rows is None:
-            found = exact_q8(w.detach())
-            if found is None:
-                log.debug("%s: not exact int8 rows; kept in fp32", type(mod).__name__)
+            rows = exact_rows(w.detach())
+            if rows is None:
+                log.debug("%s: neither int8 nor bf16 rows hold it exactly; kept in fp32", type(mod).__name__)
                 continue
-            rows = done[id(w)] = Q8Rows(*found)
-            saved += w.numel() * 4 - rows.codes.numel() - rows.scales.numel() * 4
+            done[id(w)] = rows
+            saved += w.numel() * 4 - rows.nbytes()
+            kinds.add(rows.kind)
         plain = type(mod)
         mod.__class__ = cls
         mod._parameters["weight"] = None
         mod.__dict__.update(rows=rows, _plain=plain)
     if saved:
-        log.info("embedding/head held as exact int8 rows: %.1f MB less, the same fp32 values", saved / 1e6)
+        log.info("embedding/head held as exact %s rows: %.1f MB less, the same fp32 values",
+                 "/".join(sorted(kinds)), saved / 1e6)
     return saved
