@@ -223,9 +223,11 @@ class ExactHead(_ExactWeight, torch.nn.Linear):
         return y if self.bias is None else y + self.bias
 
 
-def use_exact_rows(model: torch.nn.Module) -> int:
+def use_exact_rows(model: torch.nn.Module, found: dict[str, ExactRows] | None = None) -> int:
     """Hold `model`'s fp32 CPU input embedding and output head (tied or not) as exact rows where
-    their values allow it (module doc). Returns the bytes saved; 0 if nothing changed."""
+    their values allow it (module doc). `found`: rows already built for some of these weights,
+    by state-dict key (the loader's; then no other weight is read). Returns the bytes saved; 0
+    if nothing changed."""
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if emb is not None and (type(emb) is not torch.nn.Embedding or emb.max_norm is not None):
@@ -233,8 +235,11 @@ def use_exact_rows(model: torch.nn.Module) -> int:
     if head is not None and not (type(head) is torch.nn.Linear or type(head).__name__ == "FastHeadLinear"):
         head = None
     done: dict[int, ExactRows] = {}
+    if found is not None:
+        done = {id(model.get_parameter(k)): r for k, r in found.items()}
     saved = 0
     kinds = set()
+    counted: list[ExactRows] = []
     for mod, cls in ((emb, ExactEmbedding), (head, ExactHead)):
         if mod is None:
             continue
@@ -242,12 +247,13 @@ def use_exact_rows(model: torch.nn.Module) -> int:
         if w is None or w.dtype is not torch.float32 or w.device.type != "cpu":
             continue
         rows = done.get(id(w))
+        if rows is None and found is None:
+            rows = done[id(w)] = exact_rows(w.detach())
         if rows is None:
-            rows = exact_rows(w.detach())
-            if rows is None:
-                log.debug("%s: neither int8 nor bf16 rows hold it exactly; kept in fp32", type(mod).__name__)
-                continue
-            done[id(w)] = rows
+            log.debug("%s: neither int8 nor bf16 rows hold it exactly; kept in fp32", type(mod).__name__)
+            continue
+        if all(r is not rows for r in counted):  # a tied pair: counted once
+            counted.append(rows)
             saved += w.numel() * 4 - rows.nbytes()
             kinds.add(rows.kind)
         plain = type(mod)

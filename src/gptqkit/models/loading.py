@@ -196,10 +196,18 @@ def _load_quantized(path, *, backend, device, dtype, trust_remote_code) -> nn.Mo
         state = {k: (t.to(dtype) if k in convert else t.clone()) for k, t in state.items()}
     else:
         gptq = {k for k in state if k.endswith(qparts) or (k.rsplit(".", 1)[0] in qset and k.endswith(".bias"))}
-        # the embedding and head too where they may become exact int8 rows (below): their fp32
-        # copies are freed then, and the map never holds their pages
-        state.update(_read_off_map(path, gptq | (_row_keys(model) & state.keys() if _rows_wanted(backend, device, dtype)
-                                                 else set())))
+        state.update(_read_off_map(path, gptq))
+    # the embedding and head in an exact smaller form where their values allow it (applied below):
+    # checked on a file-read copy, one tensor at a time, so the map never holds their fp32 pages
+    # (a tensor that does not qualify stays on the map, read only where used)
+    rows: dict = {}
+    if _rows_wanted(backend, device, dtype):
+        from ..kernels.exact_rows import exact_rows
+        for k in sorted(_row_keys(model) & state.keys()):
+            t = state[k] if convert else _read_off_map(path, {k})[k]
+            if t.dtype is torch.float32 and (r := exact_rows(t)) is not None:
+                rows[k] = r
+            del t
     tensors.clear()
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if hasattr(model, "tie_weights"):
@@ -232,10 +240,9 @@ def _load_quantized(path, *, backend, device, dtype, trust_remote_code) -> nn.Mo
     if backend != "torch":  # the torch reference stays torch end to end
         from ..kernels.cpu import use_fast_head
         use_fast_head(model)  # an fp32 CPU lm_head at decode: a GEMV at the memory's rate (else a no-op)
-    if _rows_wanted(backend, device, dtype):
+    if rows:
         from ..kernels.exact_rows import use_exact_rows
-        if use_exact_rows(model):  # an embedding/head of int8 x scale products: held as such, same values
-            release_heap()  # the conversion's scratch
+        use_exact_rows(model, rows)
     from .decode import enable as lean_decode
     lean_decode(model)  # one-token steps without transformers' per-call machinery (llama family, CPU)
     return model
