@@ -76,7 +76,7 @@ def test_head_and_embedding_match_the_fp32_weight(form, K):
         assert torch.equal(rows.take(ids), F.embedding(ids, w))
 
 
-def _tiny(tmp_path, tied: bool, form: str | None):
+def _tiny(tmp_path, tied: bool, form: str | None, model_type: str = "llama"):
     from _arch_helpers import build_tiny, calib_ids, quantize_dir, tiny_llama_config, TINY_VOCAB
 
     def init(model):
@@ -88,19 +88,26 @@ def _tiny(tmp_path, tied: bool, form: str | None):
             elif form == "bf16":
                 w.copy_(w.bfloat16().float())
 
-    src = build_tiny("llama", tmp_path / "src", init=init, **{**tiny_llama_config(), "tie_word_embeddings": tied})
+    cfg = {**tiny_llama_config(), "tie_word_embeddings": tied}
+    if model_type == "gemma3_text":  # a scaled embedding (Gemma3TextScaledWordEmbedding)
+        cfg.update(head_dim=16, sliding_window=4, layer_types=["sliding_attention", "full_attention"])
+    src = build_tiny(model_type, tmp_path / "src", init=init, **cfg)
     quantize_dir(src, tmp_path / "q", calib_ids(TINY_VOCAB), method="rtn")
     return tmp_path / "q"
 
 
 @pytest.mark.skipif(cpu.get_lib() is None, reason=f"CPU kernel unavailable: {cpu.lib_error()}")
-@pytest.mark.parametrize("tied,form", [(True, "q8"), (False, "q8"), (True, "bf16")])
-def test_load_holds_exact_rows_with_the_same_numbers_and_bytes(tmp_path, monkeypatch, tied, form):
+@pytest.mark.parametrize("tied,form,arch", [(True, "q8", "llama"), (False, "q8", "llama"), (True, "bf16", "llama"),
+                                            (True, "q8", "gemma3_text")])
+def test_load_holds_exact_rows_with_the_same_numbers_and_bytes(tmp_path, monkeypatch, tied, form, arch):
     import gptqkit
-    q = _tiny(tmp_path, tied, form)
+    q = _tiny(tmp_path, tied, form, arch)
     m = gptqkit.load(q)
     emb, head = m.get_input_embeddings(), m.get_output_embeddings()
-    assert type(emb) is ExactEmbedding and type(head) is ExactHead
+    assert isinstance(emb, ExactEmbedding) and type(head) is ExactHead
+    if arch == "gemma3_text":  # still the model's own class, its scale applied
+        assert type(emb).__name__ == "ExactGemma3TextScaledWordEmbedding" and float(emb.embed_scale) != 1.0
+        assert isinstance(emb, emb._plain) and emb._plain.__name__ == "Gemma3TextScaledWordEmbedding"
     assert (emb.rows is head.rows) == tied and emb.rows.kind == {"q8": "int8", "bf16": "bf16"}[form]
     assert emb._parameters["weight"] is None and not any(p.dtype is torch.float32 and p.dim() == 2 and p.shape[0] > 1000
                                                          for p in m.parameters())
@@ -124,9 +131,10 @@ def test_load_holds_exact_rows_with_the_same_numbers_and_bytes(tmp_path, monkeyp
     # a no-op move keeps the rows; a real move or a new weight makes the modules plain again,
     # with the same values
     m.to("cpu").float()
-    assert type(m.get_input_embeddings()) is ExactEmbedding and type(m.get_output_embeddings()) is ExactHead
+    assert isinstance(m.get_input_embeddings(), ExactEmbedding) and type(m.get_output_embeddings()) is ExactHead
+    plain_emb_cls = type(plain.get_input_embeddings())
     m.to(torch.float64)
-    assert type(m.get_input_embeddings()) is torch.nn.Embedding and m.get_input_embeddings().weight.dtype is torch.float64
+    assert type(m.get_input_embeddings()) is plain_emb_cls and m.get_input_embeddings().weight.dtype is torch.float64
     assert torch.equal(m.get_input_embeddings().weight.float(), plain.get_input_embeddings().weight)
     assert (m.get_input_embeddings().weight is m.get_output_embeddings().weight) == tied
     head2 = gptqkit.load(q).get_output_embeddings()

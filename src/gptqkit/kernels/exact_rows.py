@@ -27,6 +27,7 @@ Nothing is rounded; where a tensor is neither, it stays as it is.
 gptqkit.load uses it for fp32 CPU models (GPTQKIT_EXACT_ROWS=0 turns that off)."""
 from __future__ import annotations
 
+import functools
 import logging
 import weakref
 
@@ -214,6 +215,34 @@ class ExactEmbedding(_ExactWeight, torch.nn.Embedding):
         return self.rows.take(ids)
 
 
+class _ScaledForward:
+    """transformers' *ScaledWordEmbedding (Gemma 3/4, Bart, ...): nn.Embedding's rows times
+    `embed_scale` (a float, or a 0-d buffer cast to the weight's dtype), the same product here."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        y = self.rows.take(ids)
+        s = self.embed_scale
+        return y * (s.to(y.dtype) if torch.is_tensor(s) else s)
+
+
+@functools.lru_cache(maxsize=None)
+def _exact_class(plain: type) -> type:
+    """The exact-rows class for an embedding of class `plain`: ExactEmbedding for nn.Embedding; for
+    a scaled one, a subclass of both that keeps isinstance(module, plain)."""
+    if plain is torch.nn.Embedding:
+        return ExactEmbedding
+    return type(f"Exact{plain.__name__}", (_ScaledForward, ExactEmbedding, plain), {})
+
+
+def _embedding_kind(mod: torch.nn.Module) -> bool:
+    """Whether exact rows know this embedding's forward: nn.Embedding's, or nn.Embedding's times
+    `embed_scale` (the *ScaledWordEmbedding classes; architecture knowledge by name)."""
+    if not isinstance(mod, torch.nn.Embedding) or mod.max_norm is not None:
+        return False
+    return type(mod) is torch.nn.Embedding or (type(mod).__name__.endswith("ScaledWordEmbedding")
+                                               and hasattr(mod, "embed_scale"))
+
+
 class ExactHead(_ExactWeight, torch.nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
@@ -230,7 +259,7 @@ def use_exact_rows(model: torch.nn.Module, found: dict[str, ExactRows] | None = 
     if nothing changed."""
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if emb is not None and (type(emb) is not torch.nn.Embedding or emb.max_norm is not None):
+    if emb is not None and not _embedding_kind(emb):
         emb = None
     if head is not None and not (type(head) is torch.nn.Linear or type(head).__name__ == "FastHeadLinear"):
         head = None
@@ -240,9 +269,10 @@ def use_exact_rows(model: torch.nn.Module, found: dict[str, ExactRows] | None = 
     saved = 0
     kinds = set()
     counted: list[ExactRows] = []
-    for mod, cls in ((emb, ExactEmbedding), (head, ExactHead)):
+    for mod in (emb, head):
         if mod is None:
             continue
+        cls = ExactHead if mod is head else _exact_class(type(mod))
         w = mod._parameters.get("weight")
         if w is None or w.dtype is not torch.float32 or w.device.type != "cpu":
             continue
