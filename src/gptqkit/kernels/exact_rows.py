@@ -184,8 +184,8 @@ class _ExactWeight:
     def __setattr__(self, name, value):
         if name != "weight":
             return super().__setattr__(name, value)
-        # a new weight: the module becomes what it was before (nn.Embedding, nn.Linear or
-        # FastHeadLinear), then takes the assignment as usual
+        # a new weight: the module becomes what it was before (nn.Embedding, a scaled embedding,
+        # nn.Linear or FastHeadLinear), then takes the assignment as usual
         self.__class__ = self.__dict__.pop("_plain")
         del self.rows
         torch.nn.Module.__setattr__(self, name, value)
