@@ -117,14 +117,15 @@ class Q8Rows(ExactRows):
         self.codes, self.scales = codes, scales
         self.shape = codes.shape
 
+    @staticmethod
+    def _dequant(q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        return (q.float().unflatten(-1, (-1, BLOCK)) * d.unsqueeze(-1)).flatten(-2)
+
     def decode(self, n0: int = 0, n1: int | None = None) -> torch.Tensor:
-        q, d = self.codes[n0:n1], self.scales[n0:n1]
-        return (q.float().view(q.shape[0], -1, BLOCK) * d.unsqueeze(-1)).view(q.shape)
+        return self._dequant(self.codes[n0:n1], self.scales[n0:n1])
 
     def take(self, ids: torch.Tensor) -> torch.Tensor:
-        flat = ids.reshape(-1)
-        q, d = self.codes[flat], self.scales[flat]
-        return (q.float().view(flat.numel(), -1, BLOCK) * d.unsqueeze(-1)).view(*ids.shape, self.shape[1])
+        return self._dequant(self.codes[ids], self.scales[ids])
 
     def _gemv(self, lib, x, y, nt):
         return lib.gk_q8_gemv_rows(self.codes.data_ptr(), self.scales.data_ptr(), x.data_ptr(), y.data_ptr(),

@@ -1396,58 +1396,62 @@ extern "C" int gk_sgemv_rows(const float* W, const float* x, float* y, int N, in
     return 0;
 }
 
-// gk_sgemv_rows on a weight held as exact int8 rows (kernels/exact_rows.py): W[n, k] = Q[n, k] ·
-// D[n, k / 32] with every product exact in fp32 (8-bit by 24-bit significands), so each w below
-// is the fp32 weight itself and the sums are gk_sgemv_rows' own, in its order: the same bits,
-// from a quarter of the bytes (the decode head streams 30 MB instead of 113 on SmolLM2).
-extern "C" int gk_q8_gemv_rows(const int8_t* Q, const float* D, const float* x, float* y, int N, int K,
-                               int nthreads) {
-    if (N < 0 || K < 0 || K % 32) return -1;
-#if defined(_OPENMP)
-    #pragma omp parallel for num_threads(nthreads > 0 ? nthreads : 1) schedule(static)
-#endif
-    for (int n = 0; n < N; ++n) {
-        const int8_t* q = Q + (size_t)n * K;
-        const float* d = D + (size_t)n * (K / 32);
-        // the 16 sums in vector registers, written out (GCC leaves the scalar form unvectorized,
-        // and splits a 64-byte generic vector through the stack on AVX2)
-        float a[16];
+// gk_sgemv_rows on a weight held exactly in a smaller form (kernels/exact_rows.py): int8 rows
+// (W[n, k] = Q[n, k] · D[n, k / 32], each product exact in fp32: 8 by 24 significant bits) or bf16
+// (bf16 -> fp32 is a 16-bit shift). Each decoded w is the fp32 weight itself and the sums are
+// gk_sgemv_rows' own, in its order (16 lanes, its tail, the pairwise reduction): the same bits,
+// from a quarter / half of the bytes. The 16 lanes are vector registers written out (GCC leaves
+// the scalar form unvectorized here, and moves a 64-byte generic vector through the stack on AVX2).
 #if defined(__AVX512F__)
-        __m512 acc = _mm512_setzero_ps();
-        for (int k = 0; k < K; k += 16) {
-            const __m512 w = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(q + k)))),
-                                           _mm512_set1_ps(d[k >> 5]));
-            acc = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + k), acc);
-        }
-        _mm512_storeu_ps(a, acc);
-#elif defined(__AVX2__) && defined(__FMA__)
-        __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
-        for (int k = 0; k < K; k += 16) {
-            const __m128i b = _mm_loadu_si128((const __m128i*)(q + k));
-            const __m256 dk = _mm256_set1_ps(d[k >> 5]);
-            lo = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), dk), _mm256_loadu_ps(x + k), lo);
-            hi = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8))), dk),
-                                 _mm256_loadu_ps(x + k + 8), hi);
-        }
-        _mm256_storeu_ps(a, lo);
-        _mm256_storeu_ps(a + 8, hi);
-#else
-        for (int j = 0; j < 16; ++j) a[j] = 0.f;
-        for (int k = 0; k < K; k += 16) {
-            const float dk = d[k >> 5];
-            for (int j = 0; j < 16; ++j) a[j] += ((float)q[k + j] * dk) * x[k + j];
-        }
-#endif
-        for (int h = 8; h >= 1; h >>= 1)
-            for (int j = 0; j < h; ++j) a[j] += a[j + h];
-        y[n] = a[0];
-    }
-    return 0;
+struct f16x { __m512 v; };
+static inline f16x f16_zero() { return {_mm512_setzero_ps()}; }
+static inline f16x f16_fma(f16x w, const float* x, f16x a) { return {_mm512_fmadd_ps(w.v, _mm512_loadu_ps(x), a.v)}; }
+static inline void f16_store(float* o, f16x a) { _mm512_storeu_ps(o, a.v); }
+static inline f16x w16_q8(const int8_t* q, float d) {
+    return {_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)q))), _mm512_set1_ps(d))};
 }
+static inline f16x w16_bf16(const uint16_t* w) {
+    return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)w)), 16))};
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+struct f16x { __m256 lo, hi; };
+static inline f16x f16_zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+static inline f16x f16_fma(f16x w, const float* x, f16x a) {
+    return {_mm256_fmadd_ps(w.lo, _mm256_loadu_ps(x), a.lo), _mm256_fmadd_ps(w.hi, _mm256_loadu_ps(x + 8), a.hi)};
+}
+static inline void f16_store(float* o, f16x a) { _mm256_storeu_ps(o, a.lo); _mm256_storeu_ps(o + 8, a.hi); }
+static inline f16x w16_q8(const int8_t* q, float d) {
+    const __m128i b = _mm_loadu_si128((const __m128i*)q);
+    const __m256 dk = _mm256_set1_ps(d);
+    return {_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), dk),
+            _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8))), dk)};
+}
+static inline f16x w16_bf16(const uint16_t* w) {
+    const __m256i b = _mm256_loadu_si256((const __m256i*)w);
+    return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(b)), 16)),
+            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(b, 1)), 16))};
+}
+#else
+struct f16x { float a[16]; };
+static inline f16x f16_zero() { return {}; }
+static inline f16x f16_fma(f16x w, const float* x, f16x a) {
+    for (int j = 0; j < 16; ++j) a.a[j] += w.a[j] * x[j];
+    return a;
+}
+static inline void f16_store(float* o, f16x a) { memcpy(o, a.a, sizeof a.a); }
+static inline f16x w16_q8(const int8_t* q, float d) {
+    f16x w;
+    for (int j = 0; j < 16; ++j) w.a[j] = (float)q[j] * d;
+    return w;
+}
+static inline float bf16_f32(uint16_t h);
+static inline f16x w16_bf16(const uint16_t* w) {
+    f16x r;
+    for (int j = 0; j < 16; ++j) r.a[j] = bf16_f32(w[j]);
+    return r;
+}
+#endif
 
-// gk_sgemv_rows on a weight held as bf16 whose values are the fp32 weight exactly (kernels/
-// exact_rows.py): bf16 -> fp32 is a 16-bit shift, so each w below is the fp32 weight and the sums
-// are gk_sgemv_rows' own, in its order (its tail included): the same bits from half the bytes.
 static inline float bf16_f32(uint16_t h) {
     const uint32_t u = (uint32_t)h << 16;
     float f;
@@ -1455,42 +1459,39 @@ static inline float bf16_f32(uint16_t h) {
     return f;
 }
 
-extern "C" int gk_bf16_gemv_rows(const uint16_t* W, const float* x, float* y, int N, int K, int nthreads) {
-    if (N < 0 || K < 0) return -1;
+// y[n] = sum_k w(n, k) x[k] in gk_sgemv_rows' order: w16(n, k) gives 16 decoded weights, w1(n, k) one
+// (the tail, K % 16)
+template <class W16, class W1>
+static void exact_gemv_rows(const float* x, float* y, int N, int K, int nthreads, W16 w16, W1 w1) {
 #if defined(_OPENMP)
     #pragma omp parallel for num_threads(nthreads > 0 ? nthreads : 1) schedule(static)
 #endif
     for (int n = 0; n < N; ++n) {
-        const uint16_t* w = W + (size_t)n * K;
-        float a[16];
+        f16x acc = f16_zero();
         int k = 0;
-#if defined(__AVX512F__)
-        __m512 acc = _mm512_setzero_ps();
-        for (; k + 16 <= K; k += 16)
-            acc = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(
-                                      _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(w + k))), 16)),
-                                  _mm512_loadu_ps(x + k), acc);
-        _mm512_storeu_ps(a, acc);
-#elif defined(__AVX2__) && defined(__FMA__)
-        __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
-        for (; k + 16 <= K; k += 16) {
-            const __m256i b = _mm256_loadu_si256((const __m256i*)(w + k));
-            lo = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(b)), 16)),
-                                 _mm256_loadu_ps(x + k), lo);
-            hi = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(b, 1)), 16)),
-                                 _mm256_loadu_ps(x + k + 8), hi);
-        }
-        _mm256_storeu_ps(a, lo);
-        _mm256_storeu_ps(a + 8, hi);
-#else
-        for (int j = 0; j < 16; ++j) a[j] = 0.f;
-        for (; k + 16 <= K; k += 16)
-            for (int j = 0; j < 16; ++j) a[j] += bf16_f32(w[k + j]) * x[k + j];
-#endif
-        for (int j = 0; k + j < K; ++j) a[j] += bf16_f32(w[k + j]) * x[k + j];
+        for (; k + 16 <= K; k += 16) acc = f16_fma(w16(n, k), x + k, acc);
+        float a[16];
+        f16_store(a, acc);
+        for (int j = 0; k + j < K; ++j) a[j] += w1(n, k + j) * x[k + j];
         for (int h = 8; h >= 1; h >>= 1)
             for (int j = 0; j < h; ++j) a[j] += a[j + h];
         y[n] = a[0];
     }
+}
+
+extern "C" int gk_q8_gemv_rows(const int8_t* Q, const float* D, const float* x, float* y, int N, int K,
+                               int nthreads) {
+    if (N < 0 || K < 0 || K % 32) return -1;
+    const int G = K / 32;
+    exact_gemv_rows(x, y, N, K, nthreads,
+                    [=](int n, int k) { return w16_q8(Q + (size_t)n * K + k, D[(size_t)n * G + (k >> 5)]); },
+                    [=](int n, int k) { return (float)Q[(size_t)n * K + k] * D[(size_t)n * G + (k >> 5)]; });
+    return 0;
+}
+
+extern "C" int gk_bf16_gemv_rows(const uint16_t* W, const float* x, float* y, int N, int K, int nthreads) {
+    if (N < 0 || K < 0) return -1;
+    exact_gemv_rows(x, y, N, K, nthreads, [=](int n, int k) { return w16_bf16(W + (size_t)n * K + k); },
+                    [=](int n, int k) { return bf16_f32(W[(size_t)n * K + k]); });
     return 0;
 }
